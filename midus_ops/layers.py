@@ -1,0 +1,246 @@
+"""Drop-in memory layers built on the two operators (spec/HML.md section 2)."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import hive_gather, pk_topk
+
+__all__ = ["HeadwiseMemoryLayer", "ProductKeyMemory"]
+
+
+class _PerHeadRMSNorm(nn.Module):
+    """RMSNorm over the last dim with a learnable scale per head: x [..., H, d] -> [..., H, d]."""
+
+    def __init__(self, num_heads: int, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_heads, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class _UsageStats(nn.Module):
+    """Slot-read counts and top-k weight entropy per head (Lample et al. 2019, sec. 4.3).
+
+    Buffers are non-persistent: statistics are never written into a checkpoint.
+    """
+
+    def __init__(self, num_heads: int, num_slots: int):
+        super().__init__()
+        self.num_slots = num_slots
+        self.register_buffer("slot_counts", torch.zeros(num_heads, num_slots, dtype=torch.float64), persistent=False)
+        self.register_buffer("entropy_sum", torch.zeros(num_heads, dtype=torch.float64), persistent=False)
+        self.register_buffer("tokens", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        # indices, weights: [N, H, k]
+        N, H, k = indices.shape
+        offset = torch.arange(H, device=indices.device).view(1, H, 1) * self.num_slots
+        flat = (indices.long() + offset).reshape(-1)
+        self.slot_counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+        w = weights.double()
+        ent = -(w * torch.log(w.clamp_min(1e-30))).sum(-1)  # [N, H]
+        self.entropy_sum += ent.sum(0)
+        self.tokens += N
+
+    def reset(self) -> None:
+        self.slot_counts.zero_()
+        self.entropy_sum.zero_()
+        self.tokens.zero_()
+
+    def summary(self) -> Dict[str, torch.Tensor]:
+        counts = self.slot_counts
+        total = counts.sum(-1, keepdim=True)
+        p = counts / total.clamp_min(1)
+        plogp = torch.where(p > 0, p * torch.log(p.clamp_min(1e-300)), torch.zeros_like(p)).sum(-1)
+        empty = total.squeeze(-1) == 0
+        nan = torch.full_like(plogp, float("nan"))
+        return {
+            "slot_usage": (counts > 0).double().mean(-1),
+            # KL(p || uniform) = log R + sum_i p_i log p_i
+            "kl_from_uniform": torch.where(empty, nan, math.log(self.num_slots) + plogp),
+            "weight_entropy": torch.where(empty, nan, self.entropy_sum / self.tokens.clamp_min(1)),
+            "tokens": self.tokens.clone(),
+        }
+
+
+class HeadwiseMemoryLayer(nn.Module):
+    """Head-wise Memory Layer (HML) with Head-wise Implicit Value Expansion (HIVE).
+
+    MIDUS (arXiv 2512.13751) sec. 3; spec/HML.md 2.1. Every attention head queries its own
+    product-key space with its own output, reads k slots of one shared latent bank, and projects
+    the weighted read through its own matrix::
+
+        q = norm(o)                               [..., H, d_h]
+        scores, idx = pk_topk(q, subkeys, k)      [..., H, k]
+        w = softmax(scores / tau)                 (fp32)
+        r = hive_gather(w, idx, bank, proj)       [..., H, d_h]
+
+    Args:
+        num_heads: H.
+        head_dim: d_h (even): the query width and the output width.
+        n: sub-keys per half; each head addresses n * n slots. [project] default 32.
+        k: slots read per (token, head), 1 <= k <= n. [project] default 16.
+        d_z: width of the shared latent bank. [project] default 256.
+        tau: softmax temperature (> 0). Default 1.
+        query_norm: "none" (default, as in the paper) or "rms" (per-head learnable RMSNorm).
+
+    Parameters: ``subkeys`` [H, 2, n, d_h/2] ~ N(0, 1/d_h); ``bank`` [n*n, d_z] = 0;
+    ``proj`` [H, d_z, d_h] ~ N(0, 1/d_z). With the zero bank the layer outputs zeros, so a block
+    ``x + HML(...)`` starts as the identity while the bank still gets gradients.
+
+    The computation runs in the dtype of the input (parameters are cast to it, like autocast
+    would for a Linear). Usage statistics are recorded in eval mode while ``track_stats`` is
+    True; see :meth:`memory_stats`.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, n: int = 32, k: int = 16, d_z: int = 256,
+                 tau: float = 1.0, query_norm: str = "none"):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even (the query is split in two halves), got {head_dim}")
+        if not 1 <= k <= n:
+            raise ValueError(f"k must satisfy 1 <= k <= n = {n}, got k = {k}")
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        if query_norm not in ("none", "rms"):
+            raise ValueError(f"query_norm must be 'none' or 'rms', got {query_norm!r}")
+        self.num_heads, self.head_dim, self.n, self.k, self.d_z = num_heads, head_dim, n, k, d_z
+        self.tau, self.query_norm_kind = float(tau), query_norm
+        self.subkeys = nn.Parameter(torch.empty(num_heads, 2, n, head_dim // 2))
+        self.bank = nn.Parameter(torch.empty(n * n, d_z))
+        self.proj = nn.Parameter(torch.empty(num_heads, d_z, head_dim))
+        self.query_norm = _PerHeadRMSNorm(num_heads, head_dim) if query_norm == "rms" else None
+        self.stats = _UsageStats(num_heads, n * n)
+        self.track_stats = True
+        self.deterministic = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.subkeys, std=1.0 / math.sqrt(self.head_dim))
+        nn.init.zeros_(self.bank)
+        nn.init.normal_(self.proj, std=1.0 / math.sqrt(self.d_z))
+        if self.query_norm is not None:
+            nn.init.ones_(self.query_norm.weight)
+
+    def forward(self, o: torch.Tensor) -> torch.Tensor:
+        """o: [..., H, d_h] per-head attention outputs (before any output projection).
+        Returns r: [..., H, d_h], dtype of ``o``."""
+        if o.dim() < 2 or o.shape[-2:] != (self.num_heads, self.head_dim):
+            raise ValueError(f"HeadwiseMemoryLayer expects input [..., {self.num_heads}, {self.head_dim}] "
+                             f"(heads, head_dim), got {tuple(o.shape)}")
+        lead = o.shape[:-2]
+        q = o.reshape(-1, self.num_heads, self.head_dim)
+        if self.query_norm is not None:
+            q = self.query_norm(q)
+        dt = q.dtype
+        scores, idx = pk_topk(q, self.subkeys.to(dt), self.k)
+        w = torch.softmax(scores.float() / self.tau, dim=-1)
+        if self.track_stats and not self.training:
+            self.stats.update(idx, w)
+        r = hive_gather(w.to(dt), idx, self.bank.to(dt), self.proj.to(dt), deterministic=self.deterministic)
+        return r.reshape(*lead, self.num_heads, self.head_dim)
+
+    def memory_stats(self) -> Dict[str, torch.Tensor]:
+        """Usage since the last reset, per head (Lample et al. 2019, sec. 4.3).
+
+        Returns a dict of float64 tensors: ``slot_usage`` [H] fraction of the n*n slots read at
+        least once; ``kl_from_uniform`` [H] KL divergence (nats) of the slot-read distribution from
+        uniform; ``weight_entropy`` [H] mean entropy (nats) of the top-k softmax weights;
+        ``tokens`` [] tokens recorded. NaN where nothing has been recorded.
+        """
+        return self.stats.summary()
+
+    def reset_memory_stats(self) -> None:
+        self.stats.reset()
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, n={self.n}, k={self.k}, "
+                f"d_z={self.d_z}, tau={self.tau}, query_norm={self.query_norm_kind!r}")
+
+
+class ProductKeyMemory(nn.Module):
+    """Multi-head product-key memory over the full hidden state (Lample et al. 2019).
+
+    spec/HML.md 2.2, the "MIDUS-PKM" ablation and a drop-in FFN replacement::
+
+        q = Linear(d -> H_m * d_k)(x)             [N, H_m, d_k]
+        scores, idx = pk_topk(q, subkeys, k)      per memory head
+        w = softmax(scores / tau)
+        out = sum_h hive_gather(w, idx, values)   one shared value table [n*n, d_out]
+
+    Args:
+        d_model: input width d.
+        num_heads: memory heads H_m. [project] default 4.
+        n: sub-keys per half (n * n slots). [project] default 32.
+        k: slots read per head. [project] default 16.
+        d_k: query width per head (even). [project] default 128.
+        d_out: value width, default ``d_model``.
+        tau: softmax temperature.
+        value_init: "normal" (N(0, 1/d_out), Lample et al.) or "zeros" (identity at insertion,
+            as MIDUS's up-scaling uses).
+
+    Input x [..., d] -> output [..., d_out], dtype of x. No query BatchNorm is offered.
+    """
+
+    def __init__(self, d_model: int, num_heads: int = 4, n: int = 32, k: int = 16, d_k: int = 128,
+                 d_out: Optional[int] = None, tau: float = 1.0, value_init: str = "normal"):
+        super().__init__()
+        if d_k % 2:
+            raise ValueError(f"d_k must be even, got {d_k}")
+        if not 1 <= k <= n:
+            raise ValueError(f"k must satisfy 1 <= k <= n = {n}, got k = {k}")
+        if value_init not in ("normal", "zeros"):
+            raise ValueError(f"value_init must be 'normal' or 'zeros', got {value_init!r}")
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        d_out = d_model if d_out is None else d_out
+        self.d_model, self.num_heads, self.n, self.k, self.d_k, self.d_out = d_model, num_heads, n, k, d_k, d_out
+        self.tau, self.value_init = float(tau), value_init
+        self.query = nn.Linear(d_model, num_heads * d_k, bias=False)
+        self.subkeys = nn.Parameter(torch.empty(num_heads, 2, n, d_k // 2))
+        self.values = nn.Parameter(torch.empty(n * n, d_out))
+        self.stats = _UsageStats(num_heads, n * n)
+        self.track_stats = True
+        self.deterministic = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.query.reset_parameters()
+        nn.init.normal_(self.subkeys, std=1.0 / math.sqrt(self.d_k))
+        if self.value_init == "zeros":
+            nn.init.zeros_(self.values)
+        else:
+            nn.init.normal_(self.values, std=1.0 / math.sqrt(self.d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"ProductKeyMemory expects input [..., {self.d_model}], got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        dt = x.dtype
+        q = F.linear(x.reshape(-1, self.d_model), self.query.weight.to(dt)).view(-1, self.num_heads, self.d_k)
+        scores, idx = pk_topk(q, self.subkeys.to(dt), self.k)
+        w = torch.softmax(scores.float() / self.tau, dim=-1)
+        if self.track_stats and not self.training:
+            self.stats.update(idx, w)
+        # Summing heads equals one bag of H_m * k rows per token: no [N, H_m, d_out] intermediate.
+        N = q.shape[0]
+        out = hive_gather(w.to(dt).reshape(N, 1, -1), idx.reshape(N, 1, -1), self.values.to(dt), None,
+                          deterministic=self.deterministic)
+        return out.reshape(*lead, self.d_out)
+
+    memory_stats = HeadwiseMemoryLayer.memory_stats
+    reset_memory_stats = HeadwiseMemoryLayer.reset_memory_stats
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_heads={self.num_heads}, n={self.n}, k={self.k}, d_k={self.d_k}, "
+                f"d_out={self.d_out}, tau={self.tau}")

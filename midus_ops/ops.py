@@ -1,0 +1,246 @@
+"""The public memory operators: input checks, fake (meta) kernels and autograd.
+
+The op schemas and kernels live in C++ (``csrc/``, ``TORCH_LIBRARY(midus_ops, ...)``). This module
+registers what the compiler and autograd need (``register_fake``, ``register_autograd``), as
+pytorch/extension-cpp does. When the extension cannot load, or has no kernel for a device, the
+public functions run the pure-PyTorch reference instead (``midus_ops.reference``).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from .reference import hive_gather_ref, pk_topk_ref
+
+__all__ = ["pk_topk", "hive_gather", "EXTENSION_AVAILABLE", "EXTENSION_ERROR", "MidusExtensionWarning",
+           "has_kernel"]
+
+
+class MidusExtensionWarning(RuntimeWarning):
+    """The compiled extension ``midus_ops._C`` could not be used; the reference runs instead."""
+
+
+def _load_extension() -> Optional[str]:
+    if os.environ.get("MIDUS_OPS_DISABLE_EXTENSION", "") not in ("", "0"):
+        return "disabled by MIDUS_OPS_DISABLE_EXTENSION"
+    try:
+        from . import _C  # noqa: F401  (loading it registers torch.ops.midus_ops.*)
+    except Exception as e:  # missing, or built against another torch (undefined symbols)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+EXTENSION_ERROR: Optional[str] = _load_extension()
+EXTENSION_AVAILABLE: bool = EXTENSION_ERROR is None
+if not EXTENSION_AVAILABLE:
+    warnings.warn(
+        f"midus_ops: the compiled extension midus_ops._C is not available ({EXTENSION_ERROR}); "
+        f"pk_topk and hive_gather fall back to the slow pure-PyTorch reference. Rebuild with "
+        f"`pip install --no-build-isolation .` against the torch you run ({torch.__version__}).",
+        MidusExtensionWarning,
+        stacklevel=2,
+    )
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def has_kernel(op_name: str, device: torch.device) -> bool:
+    """True when the compiled extension has a kernel of ``midus_ops::<op_name>`` for ``device``."""
+    if not EXTENSION_AVAILABLE:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"midus_ops::{op_name}", key)
+
+
+def _check(cond: bool, msg: str, exc=ValueError) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _check(t.dtype in _FLOAT_DTYPES,
+           f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}", TypeError)
+
+
+def _check_same_device(**tensors: torch.Tensor) -> None:
+    items = list(tensors.items())
+    name0, t0 = items[0]
+    for name, t in items[1:]:
+        _check(t.device == t0.device,
+               f"{name} is on {t.device} but {name0} is on {t0.device}: all inputs must be on one device")
+
+
+# --------------------------------------------------------------------------------------------
+# pk_topk
+# --------------------------------------------------------------------------------------------
+def pk_topk(q: torch.Tensor, subkeys: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Product-key scoring and top-k, per head (spec/HML.md 1.1; Lample et al. 2019, sec. 3.2).
+
+    For each token t and head h, with q[t, h] = [q1; q2] split in halves: s1 = K1_h q1 and
+    s2 = K2_h q2 (n scores each), the top-k of each, and the top-k of the k*k candidate sums.
+
+    Args:
+        q: [N, H, d_k] queries (d_k even); float32, float64, bfloat16 or float16.
+        subkeys: [H, 2, n, d_k / 2] sub-keys, same dtype and device as ``q``.
+        k: memories per (token, head), an int with 1 <= k <= n.
+
+    Returns:
+        scores: [N, H, k], dtype of ``q``, sorted descending (computed with fp32 accumulation).
+        indices: [N, H, k] int64, a * n + b in [0, n * n). Ties go to the lower index.
+
+    Gradients flow to ``q`` and ``subkeys`` through the selected sub-key scores only.
+
+    Raises:
+        TypeError: a non-tensor, a non-float dtype, ``q``/``subkeys`` dtypes differ, ``k`` not int.
+        ValueError: wrong ranks, odd d_k, H or d_k mismatch, k outside [1, n], mixed devices.
+    """
+    _check_float("q", q)
+    _check_float("subkeys", subkeys)
+    _check(q.dim() == 3, f"q must have shape [N, H, d_k], got {tuple(q.shape)}")
+    _check(subkeys.dim() == 4 and subkeys.shape[1] == 2,
+           f"subkeys must have shape [H, 2, n, d_k / 2], got {tuple(subkeys.shape)}")
+    _check(q.dtype == subkeys.dtype, f"q is {q.dtype} but subkeys is {subkeys.dtype}: use one dtype", TypeError)
+    _check_same_device(q=q, subkeys=subkeys)
+    N, H, d_k = q.shape
+    _check(d_k % 2 == 0 and d_k > 0, f"q: d_k must be even and positive, got d_k = {d_k}")
+    _check(subkeys.shape[0] == H, f"subkeys has {subkeys.shape[0]} heads but q has H = {H}")
+    _check(subkeys.shape[3] == d_k // 2,
+           f"subkeys has sub-key width {subkeys.shape[3]} but q has d_k / 2 = {d_k // 2}")
+    _check(isinstance(k, int) and not isinstance(k, bool), f"k must be an int, got {type(k).__name__}", TypeError)
+    n = subkeys.shape[2]
+    _check(1 <= k <= n, f"k must satisfy 1 <= k <= n = {n} (subkeys.shape[2]), got k = {k}")
+    if has_kernel("pk_topk", q.device):
+        return torch.ops.midus_ops.pk_topk(q, subkeys, k)
+    return pk_topk_ref(q, subkeys, k)
+
+
+# --------------------------------------------------------------------------------------------
+# hive_gather
+# --------------------------------------------------------------------------------------------
+def hive_gather(
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    bank: torch.Tensor,
+    proj: Optional[torch.Tensor] = None,
+    *,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Weighted gather from a shared latent bank and per-head projection (spec/HML.md 1.2).
+
+    u[t, h] = sum_j weights[t, h, j] * bank[indices[t, h, j]] (EmbeddingBag "sum" with per-sample
+    weights) and out[t, h] = u[t, h] @ proj[h]: Head-wise Implicit Value Expansion (HIVE, MIDUS
+    sec. 3), where head h's value of slot i is bank[i] @ proj[h] and is never materialised.
+
+    Args:
+        weights: [N, H, k] per-sample weights, same dtype as ``bank``.
+        indices: [N, H, k] int32 or int64, each in [0, R).
+        bank: [R, d_z] shared latent bank; float32, float64, bfloat16 or float16.
+        proj: [H, d_z, d_v] per-head projections (linear, no bias), or None (d_v = d_z).
+        deterministic: bitwise-identical gradients run to run; also implied by
+            ``torch.use_deterministic_algorithms(True)``. (The CPU kernels always are.)
+
+    Returns:
+        out: [N, H, d_v], dtype of ``bank``; sums are accumulated in fp32 (fp64 for fp64).
+
+    Gradients for ``weights``, ``bank`` and ``proj`` are computed only where needed; the bank
+    gradient is a scatter-add over ``indices``.
+
+    Raises:
+        TypeError: non-float weights/bank/proj, dtypes that differ, non-integer indices.
+        ValueError: shape mismatches, mixed devices.
+        IndexError / RuntimeError: an index < 0 or >= R (message names ``indices``).
+    """
+    _check_float("weights", weights)
+    _check_float("bank", bank)
+    _check(isinstance(indices, torch.Tensor), "indices must be a torch.Tensor", TypeError)
+    _check(indices.dtype in _INDEX_DTYPES, f"indices must be int32 or int64, got {indices.dtype}", TypeError)
+    _check(weights.dim() == 3, f"weights must have shape [N, H, k], got {tuple(weights.shape)}")
+    _check(indices.shape == weights.shape,
+           f"indices has shape {tuple(indices.shape)} but weights has {tuple(weights.shape)}: they must match")
+    _check(bank.dim() == 2, f"bank must have shape [R, d_z], got {tuple(bank.shape)}")
+    _check(weights.dtype == bank.dtype, f"weights is {weights.dtype} but bank is {bank.dtype}: use one dtype",
+           TypeError)
+    devices = dict(weights=weights, indices=indices, bank=bank)
+    if proj is not None:
+        _check_float("proj", proj)
+        _check(proj.dim() == 3, f"proj must have shape [H, d_z, d_v], got {tuple(proj.shape)}")
+        _check(proj.shape[0] == weights.shape[1],
+               f"proj has {proj.shape[0]} heads but weights has H = {weights.shape[1]}")
+        _check(proj.shape[1] == bank.shape[1],
+               f"proj has d_z = {proj.shape[1]} but bank has d_z = {bank.shape[1]}")
+        _check(proj.dtype == bank.dtype, f"proj is {proj.dtype} but bank is {bank.dtype}: use one dtype", TypeError)
+        devices["proj"] = proj
+    _check_same_device(**devices)
+    _check(bank.shape[0] > 0 or indices.numel() == 0, "bank has no rows (R = 0) but indices is not empty")
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    if has_kernel("hive_gather", bank.device):
+        return torch.ops.midus_ops.hive_gather(weights, indices, bank, proj, deterministic)
+    return hive_gather_ref(weights, indices, bank, proj)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake kernels and autograd for the compiled ops
+# --------------------------------------------------------------------------------------------
+if EXTENSION_AVAILABLE:
+
+    @torch.library.register_fake("midus_ops::pk_topk")
+    def _pk_topk_fake(q, subkeys, k):
+        N, H, _ = q.shape
+        return q.new_empty((N, H, k)), q.new_empty((N, H, k), dtype=torch.int64)
+
+    @torch.library.register_fake("midus_ops::pk_topk_backward")
+    def _pk_topk_backward_fake(grad_scores, q, subkeys, indices, need_q, need_subkeys):
+        return (q.new_empty(q.shape) if need_q else q.new_empty((0,)),
+                subkeys.new_empty(subkeys.shape) if need_subkeys else subkeys.new_empty((0,)))
+
+    @torch.library.register_fake("midus_ops::hive_gather")
+    def _hive_gather_fake(weights, indices, bank, proj, deterministic):
+        N, H, _ = weights.shape
+        d_v = bank.shape[1] if proj is None else proj.shape[2]
+        return bank.new_empty((N, H, d_v))
+
+    @torch.library.register_fake("midus_ops::hive_gather_backward")
+    def _hive_gather_backward_fake(grad_out, weights, indices, bank, proj, deterministic,
+                                   need_weights, need_bank, need_proj):
+        empty = bank.new_empty((0,))
+        return (weights.new_empty(weights.shape) if need_weights else empty,
+                bank.new_empty(bank.shape) if need_bank else empty,
+                proj.new_empty(proj.shape) if (need_proj and proj is not None) else empty)
+
+    def _pk_topk_setup(ctx, inputs, output):
+        q, subkeys, _ = inputs
+        ctx.save_for_backward(q, subkeys, output[1])
+
+    def _pk_topk_backward(ctx, grad_scores, grad_indices):
+        q, subkeys, indices = ctx.saved_tensors
+        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_q or need_k):
+            return None, None, None
+        gq, gk = torch.ops.midus_ops.pk_topk_backward(grad_scores, q, subkeys, indices, need_q, need_k)
+        return (gq if need_q else None), (gk if need_k else None), None
+
+    torch.library.register_autograd("midus_ops::pk_topk", _pk_topk_backward, setup_context=_pk_topk_setup)
+
+    def _hive_gather_setup(ctx, inputs, output):
+        weights, indices, bank, proj, deterministic = inputs
+        ctx.has_proj = proj is not None
+        ctx.deterministic = deterministic
+        ctx.save_for_backward(weights, indices, bank, proj)
+
+    def _hive_gather_backward(ctx, grad_out):
+        weights, indices, bank, proj = ctx.saved_tensors
+        need_w, _, need_bank, need_proj = ctx.needs_input_grad[:4]
+        need_proj = bool(need_proj) and ctx.has_proj
+        if not (need_w or need_bank or need_proj):
+            return None, None, None, None, None
+        gw, gb, gp = torch.ops.midus_ops.hive_gather_backward(
+            grad_out, weights, indices, bank, proj, ctx.deterministic, need_w, need_bank, need_proj)
+        return (gw if need_w else None), None, (gb if need_bank else None), (gp if need_proj else None), None
+
+    torch.library.register_autograd("midus_ops::hive_gather", _hive_gather_backward,
+                                    setup_context=_hive_gather_setup)
