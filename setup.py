@@ -100,7 +100,7 @@ if not cpp_extension.is_ninja_available():
 
 here = os.path.dirname(os.path.abspath(__file__))
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-cxx_flags = ["-O3", "-std=c++17"]
+cxx_flags = ["-O3"]  # torch adds the C++ standard it was built with
 define_macros = []
 if USE_CUDA:
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -120,7 +120,7 @@ if USE_CUDA:
     ext = cpp_extension.CUDAExtension(
         "midus_ops._C", sources, define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags + extra_inc,
-                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + extra_inc},
+                            "nvcc": ["-O3", "-lineinfo"] + extra_inc},
     )
 else:
     ext = cpp_extension.CppExtension("midus_ops._C", sources, define_macros=define_macros,
@@ -136,7 +136,17 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.56",
+        "safetensors",
+        "accelerate",
+        "gguf",
+        "tqdm",
+        "mwparserfromhell",
+        "datasets",
+    ],
     extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["midus=midus.cli:main"]},
     zip_safe=False,
 )

@@ -26,9 +26,12 @@ class MidusExtensionWarning(RuntimeWarning):
 def _load_extension() -> Optional[str]:
     if os.environ.get("MIDUS_OPS_DISABLE_EXTENSION", "") not in ("", "0"):
         return "disabled by MIDUS_OPS_DISABLE_EXTENSION"
+    import importlib.util
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return f"not built: no {__package__}/_C*.so beside {os.path.dirname(__file__)}/__init__.py"
     try:
         from . import _C  # noqa: F401  (loading it registers torch.ops.midus_ops.*)
-    except Exception as e:  # missing, or built against another torch (undefined symbols)
+    except Exception as e:  # e.g. built against another torch: undefined symbols
         return f"{type(e).__name__}: {e}"
     return None
 

@@ -1,0 +1,22 @@
+// Operator schemas of midus_ops (spec/HML.md section 1). Kernels register per device in
+// csrc/cpu and csrc/cuda; fake kernels and autograd are registered in midus_ops/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing midus_ops._C loads this library, which runs the TORCH_LIBRARY registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(midus_ops, m) {
+  m.def("pk_topk(Tensor q, Tensor subkeys, int k) -> (Tensor scores, Tensor indices)");
+  m.def("pk_topk_backward(Tensor grad_scores, Tensor q, Tensor subkeys, Tensor indices, bool need_q, "
+        "bool need_subkeys) -> (Tensor grad_q, Tensor grad_subkeys)");
+  m.def("hive_gather(Tensor weights, Tensor indices, Tensor bank, Tensor? proj, bool deterministic) -> Tensor");
+  m.def("hive_gather_backward(Tensor grad_out, Tensor weights, Tensor indices, Tensor bank, Tensor? proj, "
+        "bool deterministic, bool need_weights, bool need_bank, bool need_proj) "
+        "-> (Tensor grad_weights, Tensor grad_bank, Tensor grad_proj)");
+}
