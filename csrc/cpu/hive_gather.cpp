@@ -39,6 +39,18 @@ void gather_chunk(const scalar_t* w, const index_t* idx, const scalar_t* bank, i
   });
 }
 
+// <g, row> with 8 independent partial sums, so the compiler vectorises it without -ffast-math.
+template <typename scalar_t, typename acc_t>
+inline acc_t dot(const acc_t* g, const scalar_t* row, int64_t d) {
+  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t z = 0;
+  for (; z + 8 <= d; z += 8)
+    for (int u = 0; u < 8; ++u) part[u] += g[z + u] * static_cast<acc_t>(row[z + u]);
+  acc_t s = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; z < d; ++z) s += g[z] * static_cast<acc_t>(row[z]);
+  return s;
+}
+
 at::ScalarType acc_type_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor hive_gather_cpu(const at::Tensor& weights_in, const at::Tensor& indices_in, const at::Tensor& bank_in,
@@ -115,37 +127,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hive_gather_backward_cpu(
             gp_acc.baddbmm_(u.transpose(1, 2), go);  // grad_proj[h] += u[h]^T @ grad_out[h]
           }
           if (!(need_w || need_bank)) continue;
-          // grad of the read: gu[h, t] = grad_out[h, t] @ proj[h]^T  -> [H, nt, dz]
-          auto gu = (has_proj ? at::bmm(go, projA.transpose(1, 2)) : go).contiguous();
+          // grad of the read, token-major: gu[t, h] = grad_out[t, h] @ proj[h]^T  -> [nt, H, dz]
+          auto gu = (has_proj ? at::bmm(go, projA.transpose(1, 2)).transpose(0, 1) : go.transpose(0, 1)).contiguous();
           const acc_t* gup = gu.data_ptr<acc_t>();
+          const int64_t base0 = t0 * H * k;  // first (t, h, j) entry of this chunk
           if (need_w) {
-            scalar_t* gwp = gw.data_ptr<scalar_t>();
+            scalar_t* gwp = gw.data_ptr<scalar_t>() + base0;
             at::parallel_for(0, nt * H, 16, [&](int64_t begin, int64_t end) {
-              for (int64_t r = begin; r < end; ++r) {
-                const int64_t t = r / H, h = r % H;
-                const acc_t* g = gup + (h * nt + t) * dz;
-                const int64_t base = ((t0 + t) * H + h) * k;
+              for (int64_t r = begin; r < end; ++r)
                 for (int64_t j = 0; j < k; ++j) {
-                  const scalar_t* row = bp + static_cast<int64_t>(ip[base + j]) * dz;
-                  acc_t s = 0;
-                  for (int64_t z = 0; z < dz; ++z) s += g[z] * static_cast<acc_t>(row[z]);
-                  gwp[base + j] = static_cast<scalar_t>(s);
+                  const scalar_t* row = bp + static_cast<int64_t>(ip[base0 + r * k + j]) * dz;
+                  gwp[r * k + j] = static_cast<scalar_t>(dot<scalar_t, acc_t>(gup + r * dz, row, dz));
                 }
-              }
             });
           }
           if (need_bank) {
-            // Contribution c = (t*H + h)*k + j (t local to the chunk) adds w * gu[h, t] to row idx.
-            const int64_t base0 = t0 * H * k;
-            RowGroups groups = group_by_row(nt * H * k, R, [&](int64_t c) { return int64_t(ip[base0 + c]); });
+            // Entry e = (t*H + h)*k + j of the chunk adds w[e] * gu[t, h] to bank row idx[e]; the
+            // CSR keeps, per row, the source row t*H + h beside the weight (no divisions later).
+            RowGroups groups = group_by_row(nt * H * k, R, [&](int64_t e) { return int64_t(ip[base0 + e]); });
+            const int64_t M = nt * H * k;
+            std::vector<int64_t> src(M);
+            std::vector<acc_t> wt(M);
+            at::parallel_for(0, M, 4096, [&](int64_t begin, int64_t end) {
+              for (int64_t c = begin; c < end; ++c) {
+                const int64_t e = groups.order[c];
+                src[c] = (e / k) * dz;
+                wt[c] = static_cast<acc_t>(wp[base0 + e]);
+              }
+            });
             acc_t* gbp = gb_acc.data_ptr<acc_t>();
             for_each_row_block(groups, dz, 64, [&](int64_t row, int64_t c0, int64_t c1, int64_t z0, int64_t z1) {
               acc_t* dst = gbp + row * dz;
-              for (int64_t ci = c0; ci < c1; ++ci) {
-                const int64_t c = groups.order[ci];
-                const int64_t t = c / (H * k), h = (c / k) % H;
-                const acc_t wv = static_cast<acc_t>(wp[base0 + c]);
-                const acc_t* g = gup + (h * nt + t) * dz;
+              for (int64_t c = c0; c < c1; ++c) {
+                const acc_t wv = wt[c];
+                const acc_t* g = gup + src[c];
                 for (int64_t z = z0; z < z1; ++z) dst[z] += wv * g[z];
               }
             });
