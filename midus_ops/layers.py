@@ -13,6 +13,11 @@ from .ops import hive_gather, pk_topk
 __all__ = ["HeadwiseMemoryLayer", "ProductKeyMemory"]
 
 
+def _softmax_dtype(dt: torch.dtype) -> torch.dtype:
+    """Top-k weights are normalised in fp32 at least (fp64 stays fp64, so fp64 layers gradcheck)."""
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
 class _PerHeadRMSNorm(nn.Module):
     """RMSNorm over the last dim with a learnable scale per head: x [..., H, d] -> [..., H, d]."""
 
@@ -144,7 +149,7 @@ class HeadwiseMemoryLayer(nn.Module):
             q = self.query_norm(q)
         dt = q.dtype
         scores, idx = pk_topk(q, self.subkeys.to(dt), self.k)
-        w = torch.softmax(scores.float() / self.tau, dim=-1)
+        w = torch.softmax(scores.to(_softmax_dtype(dt)) / self.tau, dim=-1)
         if self.track_stats and not self.training:
             self.stats.update(idx, w)
         r = hive_gather(w.to(dt), idx, self.bank.to(dt), self.proj.to(dt), deterministic=self.deterministic)
@@ -229,7 +234,7 @@ class ProductKeyMemory(nn.Module):
         dt = x.dtype
         q = F.linear(x.reshape(-1, self.d_model), self.query.weight.to(dt)).view(-1, self.num_heads, self.d_k)
         scores, idx = pk_topk(q, self.subkeys.to(dt), self.k)
-        w = torch.softmax(scores.float() / self.tau, dim=-1)
+        w = torch.softmax(scores.to(_softmax_dtype(dt)) / self.tau, dim=-1)
         if self.track_stats and not self.training:
             self.stats.update(idx, w)
         # Summing heads equals one bag of H_m * k rows per token: no [N, H_m, d_out] intermediate.

@@ -27,9 +27,9 @@ def _load_extension() -> Optional[str]:
     if os.environ.get("MIDUS_OPS_DISABLE_EXTENSION", "") not in ("", "0"):
         return "disabled by MIDUS_OPS_DISABLE_EXTENSION"
     import importlib.util
-    if importlib.util.find_spec(f"{__package__}._C") is None:
-        return f"not built: no {__package__}/_C*.so beside {os.path.dirname(__file__)}/__init__.py"
     try:
+        if importlib.util.find_spec(f"{__package__}._C") is None:
+            return f"not built: no {__package__}/_C*.so beside {os.path.dirname(__file__)}/__init__.py"
         from . import _C  # noqa: F401  (loading it registers torch.ops.midus_ops.*)
     except Exception as e:  # e.g. built against another torch: undefined symbols
         return f"{type(e).__name__}: {e}"
@@ -51,12 +51,19 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+# Which (op, device type) pairs have a compiled kernel, read once: a plain dict lookup is what
+# torch.compile can trace (the dispatcher query itself would break the graph).
+_KERNELS = {
+    (op, dev): EXTENSION_AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key(f"midus_ops::{op}", key)
+    for op in ("pk_topk", "pk_topk_backward", "hive_gather", "hive_gather_backward")
+    for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+}
+
+
 def has_kernel(op_name: str, device: torch.device) -> bool:
-    """True when the compiled extension has a kernel of ``midus_ops::<op_name>`` for ``device``."""
-    if not EXTENSION_AVAILABLE:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"midus_ops::{op_name}", key)
+    """True when the compiled extension has a kernel of ``midus_ops::<op_name>`` for ``device``
+    (e.g. "pk_topk", "hive_gather_backward"); elsewhere the public op runs the reference."""
+    return _KERNELS.get((op_name, device.type), False)
 
 
 def _check(cond: bool, msg: str, exc=ValueError) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["pk_topk_ref", "hive_gather_ref", "topk_lower_index_wins"]
 
@@ -93,7 +94,9 @@ def hive_gather_ref(
             raise IndexError(f"hive_gather: indices out of range: found {lo if lo < 0 else hi}, "
                              f"expected every index in [0, {R}) (R = bank.shape[0])")
     acc = torch.float64 if bank.dtype == torch.float64 else torch.float32
-    rows = bank[indices.long()].to(acc)                       # [N, H, k, d_z]
+    # F.embedding, not bank[indices]: its backward is deterministic (index backward is not), and
+    # gathering from the fp32 copy makes the bank gradient accumulate in fp32.
+    rows = F.embedding(indices.long(), bank.to(acc))          # [N, H, k, d_z]
     u = (weights.to(acc)[..., None] * rows).sum(dim=2)        # [N, H, d_z]
     if proj is None:
         return u.to(bank.dtype)
