@@ -1,0 +1,445 @@
+"""Continued pre-training (CPT) of an up-scaled model (spec/HML.md 3.4).
+
+- Optimizer: AdamW with three parameter groups. ``memory_kv``: the key/value parameters of the
+  memory layers (``subkeys``, ``bank``, ``proj`` of a HeadwiseMemoryLayer; ``subkeys``, ``values``
+  of a ProductKeyMemory; :func:`midus.memory_parameter_names`): constant LR equal to the peak
+  LR, no schedule, weight decay 0 (the paper's appendix). ``decay``: every other matrix: linear
+  warm-up then cosine decay to 0 (transformers' ``get_cosine_schedule_with_warmup``), the usual
+  weight decay. ``no_decay``: norms and biases: the same schedule, weight decay 0.
+- ``trainable``: "new" (only the inserted blocks, :func:`midus.new_parameter_names`) or "all";
+  "auto" picks the method's default from ``model.config.midus_upscale["method"]``: "new" for
+  midus and llama_pro, "all" for dus and solar (and for models not produced by ``upscale``).
+- Gradient accumulation, gradient clipping, bf16 autocast on GPU, a tqdm bar with loss and
+  tokens/s, a JSONL log (one record per optimizer step).
+- Checkpoints (``checkpoint-<step>/``: model.safetensors, optimizer.pt, scheduler.pt, RNG states
+  of every rank, trainer_state.json with the data position), written to a temp folder and
+  renamed, and exact resume: the data order is a pure function of (seed, epoch), so the position
+  is the step count.
+- One process, or several under ``torchrun`` (DistributedDataParallel; gloo on CPU, NCCL on
+  GPU): each rank reads its share of every global batch (``DistributedSampler`` order), so a run
+  on R ranks with micro-batch B matches one process with micro-batch R * B.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Set
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DistributedSampler
+
+__all__ = ["TrainConfig", "TrainResult", "train", "resolve_trainable", "build_param_groups", "build_optimizer",
+           "build_scheduler", "init_distributed", "dist_info", "latest_checkpoint"]
+
+# Methods whose default is to train only the inserted blocks (spec 3.4, [project] defaults).
+_NEW_BY_DEFAULT = ("midus", "llama_pro")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train`. Batch sizes count sequences; the global batch per optimizer
+    step is ``micro_batch_size * grad_accum * world_size`` sequences."""
+    max_steps: int = 100
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4                # peak LR; also the constant LR of the memory key/values
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0      # 0 disables clipping
+    trainable: str = "auto"         # "auto" | "new" | "all"
+    seed: int = 0
+    precision: str = "auto"         # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    checkpoint_dir: Optional[str] = None  # None: no checkpoints, no log file
+    save_every: int = 0             # 0: one checkpoint at the end (if checkpoint_dir is set)
+    keep_checkpoints: int = 2
+    resume_from: Optional[str] = None  # a checkpoint folder, or "latest" (in checkpoint_dir)
+    log_file: Optional[str] = None  # default: <checkpoint_dir>/log.jsonl
+    progress: bool = True
+    max_seconds: float = 0.0        # > 0: stop after the step that crosses this wall time
+
+    def __post_init__(self):
+        for name in ("max_steps", "micro_batch_size", "grad_accum"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.lr <= 0:
+            raise ValueError(f"need warmup_steps >= 0 and lr > 0, got {self.warmup_steps}, {self.lr}")
+        if self.trainable not in ("auto", "new", "all"):
+            raise ValueError(f"trainable must be 'auto', 'new' or 'all', got {self.trainable!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did. ``losses``: mean training loss of each step run in this call;
+    ``tokens``: tokens (all ranks) of those steps; ``tokens_per_s``: tokens / ``seconds`` of
+    stepping (checkpoint writing excluded)."""
+    steps: int
+    final_loss: float
+    losses: List[float] = field(default_factory=list)
+    lrs: List[Dict[str, float]] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    trainable: str = "all"
+    trainable_params: int = 0
+    last_checkpoint: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def dist_info():
+    """(rank, world_size, local_rank): from torch.distributed if initialized, else the torchrun
+    environment variables, else (0, 1, 0)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed() -> torch.device:
+    """Initialize the process group when launched by ``torchrun`` (WORLD_SIZE > 1) and return
+    this process's device: ``cuda:LOCAL_RANK`` with NCCL when CUDA is available, else CPU with
+    gloo. A no-op (returns cuda:0 or cpu) in a single process."""
+    rank, world, local = dist_info()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def resolve_trainable(model, trainable: str = "auto") -> Set[str]:
+    """Set ``requires_grad`` by ``trainable`` and return the names of the trainable parameters.
+
+    "auto": "new" for models up-scaled with midus or llama_pro, "all" otherwise. "new": the
+    parameters of the inserted blocks (:func:`midus.new_parameter_names`; ValueError if the
+    model was not produced by ``midus.upscale``). The model is changed in place.
+    """
+    if trainable not in ("auto", "new", "all"):
+        raise ValueError(f"trainable must be 'auto', 'new' or 'all', got {trainable!r}")
+    record = getattr(model.config, "midus_upscale", None) or {}
+    if trainable == "auto":
+        trainable = "new" if record.get("method") in _NEW_BY_DEFAULT else "all"
+    if trainable == "new":
+        from . import new_parameter_names
+
+        names = new_parameter_names(model)
+    else:
+        names = {n for n, _ in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    if not names:
+        raise ValueError(f"trainable={trainable!r} selects no parameters")
+    return names
+
+
+def _no_decay_names(model) -> Set[str]:
+    """Biases, 1-D parameters and every parameter of a normalisation module (RMSNorm, LayerNorm,
+    a per-head query norm: class name containing "Norm")."""
+    out = set()
+    for mod_name, mod in model.named_modules():
+        is_norm = "norm" in type(mod).__name__.lower()
+        for p_name, p in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if is_norm or p.ndim < 2 or p_name == "bias":
+                out.add(full)
+    return out
+
+
+def build_param_groups(model, lr: float, weight_decay: float) -> List[dict]:
+    """AdamW parameter groups of spec 3.4 over the parameters with ``requires_grad``.
+
+    Returns up to three groups (empty ones are left out), each with keys ``params``, ``lr``,
+    ``weight_decay``, ``name`` ("memory_kv" | "decay" | "no_decay") and ``constant_lr`` (True for
+    memory_kv: :func:`build_scheduler` keeps its LR at ``lr``).
+    """
+    from . import memory_parameter_names
+
+    memory = memory_parameter_names(model)
+    no_decay = _no_decay_names(model)
+    buckets: Dict[str, list] = {"memory_kv": [], "decay": [], "no_decay": []}
+    seen = set()
+    for name, p in model.named_parameters():  # tied parameters appear once
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        key = "memory_kv" if name in memory else "no_decay" if name in no_decay else "decay"
+        buckets[key].append(p)
+    groups = []
+    for key, params in buckets.items():
+        if params:
+            groups.append({"params": params, "lr": lr, "name": key, "constant_lr": key == "memory_kv",
+                           "weight_decay": weight_decay if key == "decay" else 0.0})
+    return groups
+
+
+def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """torch AdamW over :func:`build_param_groups` (fused on CUDA)."""
+    groups = build_param_groups(model, cfg.lr, cfg.weight_decay)
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+
+
+def _constant(_step: int) -> float:
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
+    """One LambdaLR: groups with ``constant_lr`` keep their LR; the others follow transformers'
+    ``get_cosine_schedule_with_warmup`` (linear 0 -> lr over ``warmup_steps``, cosine to 0 at
+    ``total_steps``)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    # Take transformers' own schedule function from a throw-away optimizer, so the math is theirs.
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    cosine = get_cosine_schedule_with_warmup(probe, warmup_steps, total_steps).lr_lambdas[0]
+    return LambdaLR(optimizer, [_constant if g.get("constant_lr") else cosine for g in optimizer.param_groups])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(checkpoint_dir) -> Optional[str]:
+    """The ``checkpoint-<step>`` folder with the highest step in ``checkpoint_dir``, or None."""
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        return None
+    found = [(int(p.name.split("-")[1]), p) for p in d.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(found)[1]) if found else None
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _save_checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, trainer_state: dict) -> str:
+    from safetensors.torch import save_model
+
+    rank, world, _ = dist_info()
+    rng = [None] * world
+    if world > 1:
+        dist.all_gather_object(rng, _rng_state())
+    else:
+        rng = [_rng_state()]
+    final = Path(cfg.checkpoint_dir) / f"checkpoint-{step}"
+    if rank == 0:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng, tmp / "rng_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        # Keep the newest keep_checkpoints folders.
+        old = sorted((int(p.name.split("-")[1]), p) for p in final.parent.glob("checkpoint-*")
+                     if p.name.split("-")[1].isdigit())
+        for _, p in old[: max(0, len(old) - max(1, cfg.keep_checkpoints))]:
+            shutil.rmtree(p, ignore_errors=True)
+    _barrier()
+    return str(final)
+
+
+def _load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
+    from safetensors.torch import load_model
+
+    p = Path(path)
+    if not (p / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"resume_from: {p} is not a midus checkpoint (no trainer_state.json)")
+    rank, world, _ = dist_info()
+    state = json.loads((p / "trainer_state.json").read_text())
+    load_model(model, str(p / "model.safetensors"), device=str(next(model.parameters()).device))
+    dev = next(model.parameters()).device
+    optimizer.load_state_dict(torch.load(p / "optimizer.pt", map_location=dev, weights_only=True))
+    scheduler.load_state_dict(torch.load(p / "scheduler.pt", weights_only=True))
+    rng = torch.load(p / "rng_state.pt", weights_only=False)  # our own file: python + torch RNG states
+    if len(rng) != world:
+        print(f"[midus] warning: checkpoint {p} was written by {len(rng)} processes, resuming on {world}: "
+              f"the data order after resume differs from an uninterrupted run")
+    _set_rng_state(rng[rank % len(rng)])
+    return state
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _step_indices(num_seqs: int, step: int, per_rank: int, seed: int, rank: int, world: int) -> List[int]:
+    """Sequence indices this rank trains on at optimizer step ``step`` (0-based). The order is
+    DistributedSampler's (a permutation drawn from seed + epoch), so it is a pure function of
+    the step: resuming at step s reads exactly what an uninterrupted run would."""
+    sampler = DistributedSampler(range(num_seqs), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    steps_per_epoch = len(sampler) // per_rank
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training data has {num_seqs} sequences; one optimizer step needs "
+                         f"{per_rank * world} (micro_batch_size * grad_accum * world_size)")
+    epoch, offset = divmod(step, steps_per_epoch)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    return order[offset * per_rank: (offset + 1) * per_rank]
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None, **overrides) -> TrainResult:
+    """Continued pre-training of ``model`` on packed sequences (spec/HML.md 3.4).
+
+    Args:
+        model: a Hugging Face causal LM (e.g. from ``midus.upscale``); trained in place, moved to
+            this process's device (:func:`init_distributed`); ``requires_grad`` set by ``trainable``.
+        data: int64 [num_sequences, seq_len] (:func:`midus.data.pack_sequences`); each sequence is
+            its own labels (next-token prediction, mean loss over its seq_len - 1 targets).
+        config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields.
+
+    Returns a :class:`TrainResult`. Under ``torchrun`` every rank must call this with the same
+    arguments; the returned losses are averaged over ranks. Raises ValueError for bad settings
+    (the message names the field), FileNotFoundError for a missing ``resume_from``.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = TrainConfig(**{**(asdict(config) if config else {}), **overrides})
+    if data.dim() != 2 or data.dtype != torch.long:
+        raise ValueError(f"data must be int64 [num_sequences, seq_len], got {data.dtype} {tuple(data.shape)}")
+    device = init_distributed()
+    rank, world, local = dist_info()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    trainable_names = resolve_trainable(model, cfg.trainable)
+    trainable = "all" if len(trainable_names) == len(dict(model.named_parameters())) else "new"
+    model.to(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
+    ddp = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None) if world > 1 else None
+    runner = ddp or model
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    start_step, tokens_before = 0, 0
+    if cfg.resume_from:
+        path = cfg.resume_from
+        if path == "latest":
+            if not cfg.checkpoint_dir:
+                raise ValueError("resume_from='latest' needs checkpoint_dir")
+            path = latest_checkpoint(cfg.checkpoint_dir)
+            if path is None:
+                raise FileNotFoundError(f"resume_from='latest': no checkpoint in {cfg.checkpoint_dir}")
+        state = _load_checkpoint(path, model, optimizer, scheduler)
+        start_step, tokens_before = state["step"], state.get("tokens", 0)
+
+    log_path = cfg.log_file or (os.path.join(cfg.checkpoint_dir, "log.jsonl") if cfg.checkpoint_dir else None)
+    log = None
+    if log_path and rank == 0:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "a", encoding="utf-8")
+
+    per_rank = cfg.micro_batch_size * cfg.grad_accum
+    seq_len = data.shape[1]
+    tokens_per_step = per_rank * world * seq_len
+    result = TrainResult(steps=start_step, final_loss=float("nan"), trainable=trainable,
+                         trainable_params=sum(p.numel() for p in params))
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", disable=not cfg.progress or rank != 0,
+               dynamic_ncols=True)
+    step_seconds, t_start = 0.0, time.time()
+    try:
+        for step in range(start_step, cfg.max_steps):
+            t0 = time.time()
+            idx = _step_indices(data.shape[0], step, per_rank, cfg.seed, rank, world)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                batch = data[idx[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]].to(device)
+                # DDP all-reduces on the last micro-batch only.
+                sync = ddp is None or micro == cfg.grad_accum - 1
+                with (nullcontext() if sync else ddp.no_sync()), _autocast(device, cfg.precision):
+                    loss = runner(input_ids=batch, labels=batch, use_cache=False).loss / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else
+                                                       float("inf"))
+            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
+                if device.type != "cuda":  # gloo has no AVG
+                    loss_sum /= world
+            loss_val = float(loss_sum)
+            dt = time.time() - t0
+            step_seconds += dt
+            result.steps = step + 1
+            result.losses.append(loss_val)
+            result.lrs.append(lrs)
+            result.tokens += tokens_per_step
+            result.final_loss = loss_val
+            tps = result.tokens / step_seconds
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tps:.0f}")
+            if log is not None:
+                log.write(json.dumps({"step": step + 1, "loss": loss_val, "lr": lrs, "grad_norm": float(grad_norm),
+                                      "tokens": tokens_before + result.tokens, "tokens_per_s": tokens_per_step / dt,
+                                      "elapsed_s": time.time() - t_start}) + "\n")
+                log.flush()
+            last = step + 1 == cfg.max_steps
+            out_of_time = cfg.max_seconds > 0 and time.time() - t_start > cfg.max_seconds
+            if world > 1 and cfg.max_seconds > 0:  # every rank must stop at the same step
+                flag = torch.tensor([float(out_of_time)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                out_of_time = bool(flag.item())
+            if cfg.checkpoint_dir and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last or out_of_time):
+                state = {"step": step + 1, "tokens": tokens_before + result.tokens, "world_size": world,
+                         "seq_len": seq_len, "config": asdict(cfg)}
+                result.last_checkpoint = _save_checkpoint(cfg, step + 1, model, optimizer, scheduler, state)
+            if out_of_time and not last:
+                if rank == 0:
+                    print(f"[midus] stopping after step {step + 1} of {cfg.max_steps}: "
+                          f"the time limit (max_seconds={cfg.max_seconds:.0f}) was reached")
+                break
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    result.seconds = step_seconds
+    result.tokens_per_s = result.tokens / step_seconds if step_seconds else 0.0
+    model.eval()
+    return result
