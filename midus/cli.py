@@ -1,0 +1,481 @@
+"""The ``midus`` command (also ``python -m midus``): upscale, train, eval, run.
+
+    midus upscale --model default --method midus --num-blocks 8 --output smol-midus
+    midus train   --model smol-midus --data wiki --steps 200 --output smol-midus-cpt
+    midus eval    --model default --model smol-midus-cpt --data wiki
+    midus run                       # all three with defaults, prints a table (2-core CPU: <= 10 min)
+    torchrun --nproc_per_node 2 -m midus train ...   # DDP (gloo on CPU, NCCL on GPU)
+
+``--model default`` is SmolLM2-135M-Instruct, fetched and converted on first use
+(:mod:`midus.defaults`); ``--data wiki`` is the Wikipedia text of spec/HML.md section 5, split
+by article into train (90%) and validation (10%). ``upscale`` and ``train`` write their output
+folder atomically: a temp folder beside it, moved into place only on success, so a failed
+command leaves an existing folder as it was. Errors print one line naming the argument or path
+and exit with status 1 (``MIDUS_DEBUG=1`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+__all__ = ["main", "build_parser", "load_model", "atomic_output_dir"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 1."""
+
+
+def _log(msg: str) -> None:
+    print(f"[midus] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _resolve_model_path(model: str) -> str:
+    if model == "default":
+        from .defaults import default_model_path
+
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise CLIError(f"--model: model path not found: {model} (give a local Hugging Face model folder or 'default')")
+    if not (path / "config.json").is_file():
+        raise CLIError(f"--model: {model} has no config.json: not a Hugging Face model folder")
+    return str(path)
+
+
+def load_model(model: str, device=None):
+    """(model, tokenizer, path) for a local folder or "default"; fp32 weights, eval mode.
+
+    Importing midus registers the MIDUS classes, so up-scaled folders load too. Raises
+    CLIError naming the path if it does not exist or is not a model folder.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import midus  # noqa: F401  (registers MidusConfig / MidusForCausalLM)
+
+    path = _resolve_model_path(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"--model: cannot load a tokenizer from {path}: {err}") from None
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if device is not None:
+        net.to(device)
+    return net.eval(), tokenizer, path
+
+
+def _check_output(output: str) -> None:
+    if Path(output).expanduser().exists() and not Path(output).expanduser().is_dir():
+        raise CLIError(f"--output: {output} exists and is not a folder")
+
+
+@contextmanager
+def atomic_output_dir(output: str):
+    """Yield a temp folder beside ``output``; on success it replaces ``output`` (rename), on any
+    error it is deleted and ``output`` is left exactly as it was."""
+    _check_output(output)
+    final = Path(output).expanduser().absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _since_process_start() -> Optional[float]:
+    """Seconds since this process started (Linux /proc), so the reported wall time includes
+    Python and torch start-up; None where /proc is not available."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast_dtype(device):
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def _count(model) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():  # tied weights once
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def _parse_placement(text: str):
+    if "," in text or text.strip().isdigit():
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise CLIError(f"--placement: expected a name or a comma-separated list of layer indices, got {text!r}")
+    return text
+
+
+def _memory_options(args) -> dict:
+    opts = {}
+    for key in ("memory", "out_proj", "n", "k", "d_z", "tau", "query_norm", "pkm_heads", "pkm_d_k"):
+        value = getattr(args, key, None)
+        if value is not None:
+            opts[key] = value
+    return opts
+
+
+def _upscale(base, args):
+    import midus
+
+    opts = _memory_options(args)  # given with another method: upscale's TypeError says so
+    return midus.upscale(base, args.method, num_blocks=args.num_blocks, placement=_parse_placement(args.placement),
+                         **opts)
+
+
+def _eval_split(data: str, split: Optional[str]) -> str:
+    return split or ("val" if data == "wiki" else "all")
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_upscale(args) -> int:
+    base, tokenizer, path = load_model(args.model)
+    _log(f"up-scaling {path} ({base.config.num_hidden_layers} layers) with method={args.method}, "
+         f"num_blocks={args.num_blocks}, placement={args.placement}")
+    with atomic_output_dir(args.output) as tmp:
+        model = _upscale(base, args)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    added = _count(model) - _count(base)
+    print(f"wrote {args.output}: {model.config.midus_upscale['method']} model with "
+          f"{len(model.model.layers)} layers, {_count(model):,} parameters ({added:+,} vs base)")
+    return 0
+
+
+def _train_data(args, tokenizer, seq_len):
+    from .data import load_corpus, pack_sequences
+
+    split = args.split or ("train" if args.data == "wiki" else "all")
+    ids = load_corpus(args.data, tokenizer, split=split, val_fraction=args.val_fraction)
+    return pack_sequences(ids, seq_len)
+
+
+def _train_config(args, **extra):
+    from .train import TrainConfig
+
+    return TrainConfig(max_steps=args.steps, micro_batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       lr=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
+                       max_grad_norm=args.max_grad_norm, trainable=args.trainable, seed=args.seed,
+                       precision=args.precision, progress=not args.no_progress, **extra)
+
+
+def cmd_train(args) -> int:
+    from .train import _barrier, dist_info, init_distributed, train
+
+    _check_output(args.output)  # before hours of training, not after
+    device = init_distributed()
+    rank, world, _ = dist_info()
+    # Rank 0 fetches shared inputs (default model, wiki dump) first; the others then read the cache.
+    if rank == 0:
+        _resolve_model_path(args.model)
+        if args.data == "wiki":
+            from .defaults import wikipedia_articles
+
+            wikipedia_articles()
+    _barrier()
+    model, tokenizer, path = load_model(args.model)
+    data = _train_data(args, tokenizer, args.seq_len)
+    ckpt = args.checkpoint_dir or f"{Path(args.output).expanduser().absolute()}-checkpoints"
+    cfg = _train_config(args, checkpoint_dir=ckpt, save_every=args.save_every, resume_from=args.resume,
+                        max_seconds=args.max_seconds)
+    if rank == 0:
+        _log(f"training {path} on {args.data} ({data.shape[0]} sequences of {args.seq_len} tokens), "
+             f"{world} process(es) on {device}; checkpoints and log in {ckpt}")
+    result = train(model, data, cfg)
+    if rank == 0:
+        with atomic_output_dir(args.output) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if (Path(ckpt) / "log.jsonl").is_file():
+                shutil.copy(Path(ckpt) / "log.jsonl", tmp / "train_log.jsonl")
+        print(f"wrote {args.output}: {result.steps} steps, final loss {result.final_loss:.4f}, "
+              f"{result.tokens_per_s:.0f} tokens/s, trainable={result.trainable} "
+              f"({result.trainable_params:,} parameters)")
+    _barrier()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+def _ppl(model, ids, args, device):
+    from .evaluate import perplexity
+
+    return perplexity(model, ids, window=args.window, stride=args.stride, batch_size=args.eval_batch_size,
+                      device=device, autocast_dtype=_autocast_dtype(device), progress=not args.no_progress)
+
+
+def cmd_eval(args) -> int:
+    from .data import load_corpus
+
+    device = _device()
+    paths = [_resolve_model_path(m) for m in args.model]  # fail fast on a bad path
+    rows, ids = [], None
+    for name, path in zip(args.model, paths):
+        model, tokenizer, _ = load_model(path, device)
+        if ids is None:
+            ids = load_corpus(args.data, tokenizer, split=_eval_split(args.data, args.split),
+                              val_fraction=args.val_fraction, max_tokens=args.max_tokens)
+        r = _ppl(model, ids, args, device)
+        rows.append({"model": name, "ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "seconds": r.seconds})
+        del model
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(["model", "perplexity", "NLL (nats)", "tokens scored", "seconds"],
+                     [[r["model"], f"{r['ppl']:.3f}", f"{r['nll']:.4f}", str(r["tokens"]), f"{r['seconds']:.1f}"]
+                      for r in rows])
+    return 0
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from .data import load_corpus, pack_sequences
+    from .train import train
+
+    if args.output:
+        _check_output(args.output)
+    t_all = time.time()
+    device = _device()
+    torch.manual_seed(args.seed)
+    base, tokenizer, path = load_model(args.model, device)
+    t_ready = time.time()
+    train_seqs = pack_sequences(load_corpus(args.data, tokenizer, split="train", val_fraction=args.val_fraction),
+                                args.seq_len)
+    val_ids = load_corpus(args.data, tokenizer, split="val", val_fraction=args.val_fraction, max_tokens=args.eval_tokens)
+    _log(f"model {path}; data {args.data}: {train_seqs.numel():,} train tokens, {val_ids.numel():,} eval tokens; "
+         f"device {device}")
+
+    ppl_base = _ppl(base, val_ids, args, device)
+    _log(f"base perplexity {ppl_base.ppl:.3f}")
+    model = _upscale(base, args).to(device)
+    n_base, n_up = _count(base), _count(model)
+    del base
+    ppl_before = _ppl(model, val_ids, args, device)
+    _log(f"up-scaled perplexity before training {ppl_before.ppl:.3f}")
+    # Training gets what is left of --time-budget after the last evaluation (timed like the one
+    # just run), so the whole command stays bounded on a slow or busy machine.
+    budget = 0.0
+    if args.time_budget > 0:
+        budget = max(30.0, args.time_budget - (time.time() - t_all) - 1.2 * ppl_before.seconds - 10.0)
+    cfg = _train_config(args, max_seconds=budget)
+    result = train(model, train_seqs, cfg)
+    ppl_after = _ppl(model, val_ids, args, device)
+    if args.output:
+        with atomic_output_dir(args.output) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    wall = _since_process_start() or time.time() - t_all
+
+    method = f"{args.method}, K={args.num_blocks}"
+    print()
+    print(f"midus run: {Path(path).name} on {args.data} (val: {ppl_base.tokens:,} tokens, window {args.window}, "
+          f"stride {args.stride or args.window // 2}); device {device}")
+    _print_table(["model", "parameters", "val perplexity"], [
+        ["base", f"{n_base:,}", f"{ppl_base.ppl:.3f}"],
+        [f"up-scaled ({method}), before CPT", f"{n_up:,}", f"{ppl_before.ppl:.3f}"],
+        [f"up-scaled ({method}), after CPT", f"{n_up:,}", f"{ppl_after.ppl:.3f}"],
+    ])
+    stopped = f" (stopped early by --time-budget {args.time_budget:g} s)" if result.steps < args.steps else ""
+    print(f"parameters added: {n_up - n_base:,} ({100.0 * (n_up - n_base) / n_base:.2f}% of base); "
+          f"trainable: {result.trainable} ({result.trainable_params:,})")
+    print(f"CPT: {result.steps} steps{stopped} x {args.batch_size * args.grad_accum} x {args.seq_len} tokens = "
+          f"{result.tokens:,} tokens in {result.seconds:.1f} s: {result.tokens_per_s:.1f} train tokens/s")
+    print(f"wall time: {wall:.1f} s since the command started (model load {t_ready - t_all:.1f} s, evals "
+          f"{ppl_base.seconds + ppl_before.seconds + ppl_after.seconds:.1f} s, training {result.seconds:.1f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "model": path, "method": args.method, "num_blocks": args.num_blocks, "device": str(device),
+            "params_base": n_base, "params_upscaled": n_up, "params_added": n_up - n_base,
+            "ppl_base": ppl_base.ppl, "ppl_before": ppl_before.ppl, "ppl_after": ppl_after.ppl,
+            "eval_tokens": ppl_base.tokens, "train_steps": result.steps, "train_tokens": result.tokens,
+            "train_tokens_per_s": result.tokens_per_s, "losses": result.losses, "wall_s": wall}, indent=2))
+    return 0
+
+
+def _print_table(header: List[str], rows: List[List[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print(line)
+    for r in rows:
+        print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+# ----------------------------------------------------------------------------- argument parsing
+
+
+def _add_upscale_args(p, required_output: bool) -> None:
+    g = p.add_argument_group("up-scaling (spec 3.2, 3.3)")
+    g.add_argument("--method", default="midus", choices=["midus", "dus", "llama_pro", "solar"],
+                   help="up-scaling method (default: midus)")
+    g.add_argument("--num-blocks", type=int, default=8, help="K, new blocks to insert (default: 8)")
+    g.add_argument("--placement", default="distributed",
+                   help="distributed | top-heavy | bottom-heavy | comma-separated base-layer indices "
+                        "(default: distributed)")
+    m = p.add_argument_group("memory options (method midus; defaults: spec 2.1)")
+    m.add_argument("--memory", choices=["hml", "pkm"], help="memory kind (default: hml)")
+    m.add_argument("--out-proj", dest="out_proj", choices=["none", "copy"], help="HML output projection (default: none)")
+    m.add_argument("--n", type=int, help="sub-keys per half, n*n slots (default: 32)")
+    m.add_argument("--k", type=int, help="slots read per token and head (default: 16)")
+    m.add_argument("--d-z", dest="d_z", type=int, help="latent bank width (default: 256)")
+    m.add_argument("--tau", type=float, help="softmax temperature (default: 1.0)")
+    m.add_argument("--query-norm", dest="query_norm", choices=["none", "rms"], help="HML query norm (default: none)")
+    m.add_argument("--pkm-heads", dest="pkm_heads", type=int, help="PKM memory heads (default: 4)")
+    m.add_argument("--pkm-d-k", dest="pkm_d_k", type=int, help="PKM query width per head (default: 128)")
+
+
+def _add_data_args(p, split_help: Optional[str]) -> None:
+    p.add_argument("--data", default="wiki",
+                   help="'wiki' (the built-in Wikipedia text), a .txt file, a .jsonl file with a 'text' field, "
+                        "or a datasets folder (default: wiki)")
+    if split_help:
+        p.add_argument("--split", choices=["all", "train", "val"], help=split_help)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of documents held out as validation (default: 0.1)")
+
+
+def _add_train_args(p, steps: int, seq_len: int, batch: int, lr: float, warmup: int) -> None:
+    g = p.add_argument_group("training (spec 3.4)")
+    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default: {steps})")
+    g.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per sequence (default: {seq_len})")
+    g.add_argument("--batch-size", type=int, default=batch,
+                   help=f"sequences per process per micro-step (default: {batch})")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default: 1)")
+    g.add_argument("--lr", type=float, default=lr,
+                   help=f"peak LR; memory keys/values keep it constant (default: {lr})")
+    g.add_argument("--warmup", type=int, default=warmup, help=f"warm-up steps (default: {warmup})")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: 1.0)")
+    g.add_argument("--trainable", choices=["auto", "new", "all"], default="auto",
+                   help="auto: 'new' (inserted blocks only) for midus/llama_pro, 'all' otherwise (default: auto)")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast on GPU, fp32 on CPU (default: auto)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data order and RNG (default: 0)")
+
+
+def _add_eval_args(p, window: int, batch: int) -> None:
+    g = p.add_argument_group("perplexity")
+    g.add_argument("--window", type=int, default=window, help=f"tokens per window (default: {window})")
+    g.add_argument("--stride", type=int, default=0, help="window start-to-start distance; 0 = window/2 (default: 0)")
+    g.add_argument("--eval-batch-size", type=int, default=batch, help=f"windows per forward pass (default: {batch})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="midus", description="Memory-Infused Depth Up-Scaling (MIDUS) of Hugging "
+                                     "Face causal LMs: up-scale, continue pre-training, evaluate.")
+    sub = parser.add_subparsers(dest="command", metavar="{upscale,train,eval,run}")
+    sub.required = True
+
+    p = sub.add_parser("upscale", help="insert K new blocks into a model and save it",
+                       description="Up-scale a Hugging Face model (Llama/Mistral/Qwen2/Qwen3) and save model + "
+                                   "tokenizer to --output (written atomically).")
+    p.add_argument("--model", default="default", help="local model folder, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--output", required=True, help="folder to write (replaced only on success)")
+    _add_upscale_args(p, True)
+    p.set_defaults(func=cmd_upscale)
+
+    p = sub.add_parser("train", help="continued pre-training (CPT); works under torchrun",
+                       description="Continued pre-training with the optimizer groups of spec 3.4. Checkpoints and "
+                                   "a JSONL log go to --checkpoint-dir; the final model to --output (atomically). "
+                                   "Run under `torchrun --nproc_per_node N -m midus train ...` for DDP.")
+    p.add_argument("--model", required=True, help="local model folder (e.g. from `midus upscale`), or 'default'")
+    p.add_argument("--output", required=True, help="folder for the trained model (replaced only on success)")
+    _add_data_args(p, "documents to train on (default: train for wiki, all otherwise)")
+    _add_train_args(p, steps=100, seq_len=256, batch=4, lr=3e-4, warmup=10)
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-dir", help="checkpoints and log.jsonl (default: <output>-checkpoints)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0 = at the end (default: 0)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from a checkpoint folder, or the latest in --checkpoint-dir if no value is given")
+    g.add_argument("--max-seconds", type=float, default=0.0, help="stop (and checkpoint) after this wall time")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="sliding-window perplexity of one or more models",
+                       description="Perplexity on held-out text; each token is scored exactly once.")
+    p.add_argument("--model", action="append", required=True,
+                   help="local model folder or 'default'; repeat to compare models")
+    _add_data_args(p, "documents to score (default: val for wiki, all otherwise)")
+    p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens; 0 = all (default: 0)")
+    _add_eval_args(p, window=512, batch=4)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("run", help="upscale + train + eval with defaults and print a table",
+                       description="The default model up-scaled with K=8 memory blocks, a short CPT on the "
+                                   "Wikipedia text, perplexity of base vs up-scaled before and after training. "
+                                   "On a 2-core CPU the defaults take about 6-8 minutes; --time-budget (600 s) "
+                                   "shortens training on a slower or busy machine so the run ends in about 10.")
+    p.add_argument("--model", default="default", help="local model folder, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--output", help="also save the trained model here (atomically)")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="validation tokens to score (default: 4096)")
+    p.add_argument("--time-budget", type=float, default=600.0,
+                   help="seconds for the whole command: training stops early if the remaining steps would not "
+                        "fit (announced in the output); 0 = no limit (default: 600)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_data_args(p, None)
+    _add_upscale_args(p, False)
+    _add_train_args(p, steps=30, seq_len=128, batch=8, lr=1e-3, warmup=3)
+    _add_eval_args(p, window=128, batch=8)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``midus`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, FileNotFoundError, ValueError, TypeError) as err:
+        if os.environ.get("MIDUS_DEBUG"):
+            raise
+        print(f"midus {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
