@@ -1,0 +1,57 @@
+# ---- BEGIN data/train/eval/cli fixtures (midus.data, midus.train, midus.evaluate, midus.cli) ----
+import warnings as _warnings
+
+import pytest as _pytest
+
+_warnings.filterwarnings("ignore", message=".*midus_ops.*")
+
+TINY_TEXT = "\n\n".join(
+    f"Paragraph {i}. The quick brown fox number {i} jumps over the lazy dog while the river keeps flowing "
+    f"past the old mill; counting {i * 7 % 13} stones, it rests and then runs on towards hill {i % 5}."
+    for i in range(60))
+
+
+def make_tiny_tokenizer():
+    """A byte-level BPE tokenizer (about 300 tokens) trained in memory: no network, no files."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TINY_TEXT], vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def make_tiny_llama(vocab_size, seed=0, layers=4):
+    """A random Llama: d=64, 4 heads (2 KV), ``layers`` layers."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@_pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@_pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny Llama + tokenizer folder (loadable with from_pretrained)."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    make_tiny_llama(len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@_pytest.fixture(scope="session")
+def tiny_text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    return str(path)
+# ---- END data/train/eval/cli fixtures ----
