@@ -20,7 +20,9 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
                           MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where the imported midus lives (site-packages under CI, the checkout in development): child
+# processes must import the same build, not the source folder, which has no compiled extension.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(midus.__file__)))
 VOCAB = 128
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)

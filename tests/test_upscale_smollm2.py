@@ -115,3 +115,71 @@ def test_real_model_generate_with_and_without_cache(smol):
     kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=2,
               attention_mask=torch.ones_like(prompt))
     assert torch.equal(new.generate(prompt, use_cache=True, **kw), new.generate(prompt, use_cache=False, **kw))
+
+
+def _perturb_memory(model, seed=0):
+    """Non-zero memory banks / PKM values, so the memory blocks change what the model says."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            for p in ([m.bank] if isinstance(m, HeadwiseMemoryLayer) else
+                      [m.values] if isinstance(m, ProductKeyMemory) else []):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("method", ["midus", "dus", "llama_pro", "solar"])
+def test_real_model_each_method_generates_20_tokens_same_with_and_without_cache(smol, method):
+    # spec 3.3: every inserted layer has its own KV-cache slot, so cached decoding equals
+    # recomputing the whole prefix at every step. L = 30, K = 8 (solar: L - K = 22, even).
+    base, ids = smol
+    new = midus.upscale(base, method, 8).eval()
+    _perturb_memory(new)
+    prompt = ids[:, :8]
+    kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=2,
+              attention_mask=torch.ones_like(prompt))
+    with_cache = new.generate(prompt, use_cache=True, **kw)
+    assert with_cache.shape[1] == 28
+    assert torch.equal(with_cache, new.generate(prompt, use_cache=False, **kw))
+
+
+def test_real_model_save_and_load_both_ways(smol, tmp_path):
+    # After `import midus` (Auto classes registered) and with trust_remote_code alone in a fresh
+    # process that never imports midus: identical parameters and logits.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    base, ids = smol
+    new = midus.upscale(base, "midus", 8).eval()
+    _perturb_memory(new)
+    new.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert type(loaded).__name__ == "MidusForCausalLM"
+    sd_new, sd_loaded = new.state_dict(), loaded.state_dict()
+    assert sd_new.keys() == sd_loaded.keys() and all(torch.equal(sd_new[k], sd_loaded[k]) for k in sd_new)
+    with torch.no_grad():
+        logits = new(ids).logits
+        assert torch.equal(logits, loaded(ids).logits)
+    torch.save({"ids": ids, "logits": logits}, tmp_path / "ref.pt")
+    code = ("import sys, json, torch\n"
+            "from transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
+            "ref = torch.load(sys.argv[2])\n"
+            "with torch.no_grad():\n"
+            "    same = torch.equal(m(ref['ids']).logits, ref['logits'])\n"
+            "print('RESULT' + json.dumps({'same': same, 'cls': type(m).__name__,\n"
+            "      'midus_imported': [k for k in sys.modules if k == 'midus' or k.startswith('midus.')]}))\n")
+    # The child imports the same midus_ops build as this process (site-packages under CI).
+    import midus_ops
+    root = os.path.dirname(os.path.dirname(os.path.abspath(midus_ops.__file__)))
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"), str(tmp_path / "ref.pt")],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    result = json.loads(line[0][len("RESULT"):])
+    assert result == {"same": True, "cls": "MidusForCausalLM", "midus_imported": []}
