@@ -1,3 +1,9 @@
+# The public ops use the CUDA kernels only with MIDUS_OPS_CUDA_KERNELS=1 until a GPU run has
+# validated them; the tests always exercise them where a GPU is present (set before midus_ops loads).
+import os as _os
+
+_os.environ.setdefault("MIDUS_OPS_CUDA_KERNELS", "1")
+
 # ---- BEGIN data/train/eval/cli fixtures (midus.data, midus.train, midus.evaluate, midus.cli) ----
 import warnings as _warnings
 
