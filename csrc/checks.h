@@ -2,6 +2,12 @@
 // bypass the Python wrappers in midus_ops/ops.py. Messages name the argument.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+// The kernels call ATen ops themselves (bmm, sort, ...). Under torch.autocast those nested calls
+// would be recast (a bmm of fp32 inputs returning bf16), so autocast is off inside our kernels:
+// the ops compute in their inputs' dtype with fp32 accumulation, whatever the context.
+#define MIDUS_NO_AUTOCAST() c10::impl::ExcludeDispatchKeyGuard midus_no_autocast_guard_(c10::autocast_dispatch_keyset)
 
 namespace midus {
 

@@ -55,6 +55,7 @@ at::ScalarType acc_type_of(const at::Tensor& t) { return t.scalar_type() == at::
 
 at::Tensor hive_gather_cpu(const at::Tensor& weights_in, const at::Tensor& indices_in, const at::Tensor& bank_in,
                            const c10::optional<at::Tensor>& proj_in, bool /*deterministic: always, on CPU*/) {
+  MIDUS_NO_AUTOCAST();
   check_hive_gather(weights_in, indices_in, bank_in, proj_in);
   const int64_t N = weights_in.size(0), H = weights_in.size(1), k = weights_in.size(2);
   const int64_t R = bank_in.size(0), dz = bank_in.size(1);
@@ -90,6 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hive_gather_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& weights_in, const at::Tensor& indices_in,
     const at::Tensor& bank_in, const c10::optional<at::Tensor>& proj_in, bool /*deterministic*/, bool need_w,
     bool need_bank, bool need_proj) {
+  MIDUS_NO_AUTOCAST();
   check_hive_gather(weights_in, indices_in, bank_in, proj_in);
   const int64_t N = weights_in.size(0), H = weights_in.size(1), k = weights_in.size(2);
   const int64_t R = bank_in.size(0), dz = bank_in.size(1);

@@ -85,13 +85,17 @@ struct ScalarSelector {
     top_half(s2, b.data());
     cand.clear();
     cand_id.clear();
+    // The pruning needs finite stage-1 scores (inf + -inf is NaN, which ranks first): rows with
+    // an inf or NaN among them score all k x k pairs.
+    bool finite = true;
+    for (int64_t i = 0; i < k; ++i) finite = finite && std::isfinite(s1[a[i]]) && std::isfinite(s2[b[i]]);
     for (int64_t i = 0; i < k; ++i)
-      for (int64_t j = 0; (i + 1) * (j + 1) <= k; ++j) add(s1, s2, i, j);
+      for (int64_t j = 0; j < k && (!finite || (i + 1) * (j + 1) <= k); ++j) add(s1, s2, i, j);
     const int64_t kept = static_cast<int64_t>(cand.size());
     select<acc_t>();
     // Pruned pairs whose sum equals the k-th value: the id decides, so include them and redo.
     const acc_t kth = static_cast<acc_t>(cand[ids[k - 1]]);
-    for (int64_t i = 1; i < k; ++i)
+    for (int64_t i = 1; finite && i < k; ++i)
       for (int64_t j = k / (i + 1); j < k && static_cast<acc_t>(s1[a[i]] + s2[b[j]]) == kth; ++j) add(s1, s2, i, j);
     if (static_cast<int64_t>(cand.size()) > kept) select<acc_t>();
     for (int64_t j = 0; j < k; ++j) {
@@ -182,7 +186,8 @@ MIDUS_TARGET_AVX2 inline __m256 floats_of(__m256i key) {
 
 // Selects 8 rows at once. Lane l reads s1 + l * stride and s2 + l * stride (n scores each) and
 // writes k scores and ids at score_out[l * out_stride], id_out[l * out_stride]. Returns a bit
-// mask of lanes where a pruned pair ties the k-th value: the caller redoes those rows exactly.
+// mask of lanes where a pruned pair ties the k-th value, or a stage-1 score is not finite: the
+// caller redoes those rows exactly.
 template <typename scalar_t>
 MIDUS_TARGET_AVX2 int select8(const float* s1, const float* s2, int64_t stride, int n, int k, scalar_t* score_out,
                               int64_t* id_out, int64_t out_stride) {
@@ -217,6 +222,10 @@ MIDUS_TARGET_AVX2 int select8(const float* s1, const float* s2, int64_t stride, 
   __m256i OK[kSimdMaxK], OI[kSimdMaxK];
   topk8(K, I, m, B, OK, OI);
   __m256i tie = _mm256_setzero_si256();
+  for (int i = 0; i < k; ++i) {  // lanes with a non-finite stage-1 score: redone without pruning
+    const __m256 da = _mm256_sub_ps(av[i], av[i]), db = _mm256_sub_ps(bv[i], bv[i]);  // NaN iff not finite
+    tie = _mm256_or_si256(tie, _mm256_castps_si256(_mm256_cmp_ps(da, db, _CMP_UNORD_Q)));
+  }
   for (int i = 1; i < k; ++i) {
     const int j = k / (i + 1);
     if (j < k) tie = _mm256_or_si256(tie, _mm256_cmpeq_epi32(keys_of(_mm256_add_ps(av[i], bv[j])), OK[k - 1]));

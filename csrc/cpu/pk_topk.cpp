@@ -24,6 +24,7 @@ int64_t token_chunk(int64_t H, int64_t n, int64_t elem) {
 }
 
 std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& q_in, const at::Tensor& subkeys_in, int64_t k) {
+  MIDUS_NO_AUTOCAST();
   check_pk_topk(q_in, subkeys_in, k);
   const int64_t N = q_in.size(0), H = q_in.size(1), half = q_in.size(2) / 2, n = subkeys_in.size(2);
   TORCH_CHECK(n <= 65536, "pk_topk: subkeys has n = ", n, " sub-keys per half; at most 65536 are supported "
@@ -85,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& q_in, const at:
 std::tuple<at::Tensor, at::Tensor> pk_topk_backward_cpu(const at::Tensor& grad_scores_in, const at::Tensor& q_in,
                                                         const at::Tensor& subkeys_in, const at::Tensor& indices_in,
                                                         bool need_q, bool need_subkeys) {
+  MIDUS_NO_AUTOCAST();
   check_pk_topk(q_in, subkeys_in, 1);
   const int64_t N = q_in.size(0), H = q_in.size(1), half = q_in.size(2) / 2, n = subkeys_in.size(2);
   TORCH_CHECK(indices_in.dim() == 3 && indices_in.size(0) == N && indices_in.size(1) == H,

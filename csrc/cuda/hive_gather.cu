@@ -1233,6 +1233,7 @@ bool try_bwd_tc(const Shapes& s, const at::Tensor& bank, const scalar_t* gop, co
 
 at::Tensor hive_gather_cuda(const at::Tensor& weights_in, const at::Tensor& indices_in, const at::Tensor& bank_in,
                             const c10::optional<at::Tensor>& proj_in, bool /*deterministic: always, on CUDA*/) {
+  MIDUS_NO_AUTOCAST();
   check_hive_gather(weights_in, indices_in, bank_in, proj_in);
   TORCH_CHECK(bank_in.is_cuda(), "hive_gather: the CUDA kernel got a bank on ", bank_in.device());
   const c10::cuda::CUDAGuard guard(bank_in.device());
@@ -1276,6 +1277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hive_gather_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& weights_in, const at::Tensor& indices_in,
     const at::Tensor& bank_in, const c10::optional<at::Tensor>& proj_in, bool /*deterministic: always*/,
     bool need_w, bool need_bank, bool need_proj) {
+  MIDUS_NO_AUTOCAST();
   check_hive_gather(weights_in, indices_in, bank_in, proj_in);
   TORCH_CHECK(bank_in.is_cuda(), "hive_gather_backward: the CUDA kernel got a bank on ", bank_in.device());
   const c10::cuda::CUDAGuard guard(bank_in.device());
