@@ -13,6 +13,22 @@ from .ops import hive_gather, pk_topk
 __all__ = ["HeadwiseMemoryLayer", "ProductKeyMemory"]
 
 
+def _check_positive_ints(**values) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def _check_tau(tau) -> float:
+    try:
+        tau = float(tau)
+    except (TypeError, ValueError):
+        raise ValueError(f"tau must be a positive number, got {tau!r}") from None
+    if not tau > 0 or tau == float("inf"):
+        raise ValueError(f"tau must be a positive finite number, got {tau!r}")
+    return tau
+
+
 def _softmax_dtype(dt: torch.dtype) -> torch.dtype:
     """Top-k weights are normalised in fp32 at least (fp64 stays fp64, so fp64 layers gradcheck)."""
     return torch.float64 if dt == torch.float64 else torch.float32
@@ -56,6 +72,16 @@ class _UsageStats(nn.Module):
         ent = -(w * torch.log(w.clamp_min(1e-30))).sum(-1)  # [N, H]
         self.entropy_sum += ent.sum(0)
         self.tokens += N
+
+    def _apply(self, fn, *args, **kwargs):
+        # Model-wide casts (.half(), .to(torch.bfloat16)) move the statistics but keep their
+        # dtypes: counts in bf16 would stop at 256.
+        dtypes = {name: buf.dtype for name, buf in self._buffers.items()}
+        super()._apply(fn, *args, **kwargs)
+        for name, dtype in dtypes.items():
+            if self._buffers[name] is not None and self._buffers[name].dtype != dtype:
+                self._buffers[name] = self._buffers[name].to(dtype)
+        return self
 
     def reset(self) -> None:
         self.slot_counts.zero_()
@@ -103,6 +129,9 @@ class HeadwiseMemoryLayer(nn.Module):
     ``proj`` [H, d_z, d_h] ~ N(0, 1/d_z). With the zero bank the layer outputs zeros, so a block
     ``x + HML(...)`` starts as the identity while the bank still gets gradients.
 
+    Raises ValueError (naming the argument) for non-positive sizes, odd head_dim, k outside
+    [1, n], tau not a positive finite number, an unknown query_norm, or an input not [..., H, d_h].
+
     The computation runs in the dtype of the input (parameters are cast to it, like autocast
     would for a Linear). Usage statistics are recorded in eval mode while ``track_stats`` is
     True; see :meth:`memory_stats`.
@@ -111,12 +140,12 @@ class HeadwiseMemoryLayer(nn.Module):
     def __init__(self, num_heads: int, head_dim: int, n: int = 32, k: int = 16, d_z: int = 256,
                  tau: float = 1.0, query_norm: str = "none"):
         super().__init__()
+        _check_positive_ints(num_heads=num_heads, head_dim=head_dim, n=n, k=k, d_z=d_z)
+        tau = _check_tau(tau)
         if head_dim % 2:
             raise ValueError(f"head_dim must be even (the query is split in two halves), got {head_dim}")
         if not 1 <= k <= n:
             raise ValueError(f"k must satisfy 1 <= k <= n = {n}, got k = {k}")
-        if tau <= 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
         if query_norm not in ("none", "rms"):
             raise ValueError(f"query_norm must be 'none' or 'rms', got {query_norm!r}")
         self.num_heads, self.head_dim, self.n, self.k, self.d_z = num_heads, head_dim, n, k, d_z
@@ -195,20 +224,22 @@ class ProductKeyMemory(nn.Module):
             as MIDUS's up-scaling uses).
 
     Input x [..., d] -> output [..., d_out], dtype of x. No query BatchNorm is offered.
+    Raises ValueError (naming the argument) for non-positive sizes, odd d_k, k outside [1, n],
+    tau not a positive finite number, an unknown value_init, or an input whose last dim is not d.
     """
 
     def __init__(self, d_model: int, num_heads: int = 4, n: int = 32, k: int = 16, d_k: int = 128,
                  d_out: Optional[int] = None, tau: float = 1.0, value_init: str = "normal"):
         super().__init__()
+        d_out = d_model if d_out is None else d_out
+        _check_positive_ints(d_model=d_model, num_heads=num_heads, n=n, k=k, d_k=d_k, d_out=d_out)
+        tau = _check_tau(tau)
         if d_k % 2:
             raise ValueError(f"d_k must be even, got {d_k}")
         if not 1 <= k <= n:
             raise ValueError(f"k must satisfy 1 <= k <= n = {n}, got k = {k}")
         if value_init not in ("normal", "zeros"):
             raise ValueError(f"value_init must be 'normal' or 'zeros', got {value_init!r}")
-        if tau <= 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        d_out = d_model if d_out is None else d_out
         self.d_model, self.num_heads, self.n, self.k, self.d_k, self.d_out = d_model, num_heads, n, k, d_k, d_out
         self.tau, self.value_init = float(tau), value_init
         self.query = nn.Linear(d_model, num_heads * d_k, bias=False)
@@ -228,7 +259,7 @@ class ProductKeyMemory(nn.Module):
             nn.init.normal_(self.values, std=1.0 / math.sqrt(self.d_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.d_model:
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"ProductKeyMemory expects input [..., {self.d_model}], got {tuple(x.shape)}")
         lead = x.shape[:-1]
         dt = x.dtype
@@ -239,7 +270,8 @@ class ProductKeyMemory(nn.Module):
             self.stats.update(idx, w)
         # Summing heads equals one bag of H_m * k rows per token: no [N, H_m, d_out] intermediate.
         N = q.shape[0]
-        out = hive_gather(w.to(dt).reshape(N, 1, -1), idx.reshape(N, 1, -1), self.values.to(dt), None,
+        bag = self.num_heads * self.k
+        out = hive_gather(w.to(dt).reshape(N, 1, bag), idx.reshape(N, 1, bag), self.values.to(dt), None,
                           deterministic=self.deterministic)
         return out.reshape(*lead, self.d_out)
 

@@ -62,7 +62,7 @@ _KERNELS = {
     (op, dev): EXTENSION_AVAILABLE and (dev != "cuda" or CUDA_KERNELS_ENABLED)
     and torch._C._dispatch_has_kernel_for_dispatch_key(f"midus_ops::{op}", key)
     for op in ("pk_topk", "pk_topk_backward", "hive_gather", "hive_gather_backward")
-    for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"), ("meta", "Meta"))
 }
 
 
@@ -260,3 +260,18 @@ if EXTENSION_AVAILABLE:
 
     torch.library.register_autograd("midus_ops::hive_gather", _hive_gather_backward,
                                     setup_context=_hive_gather_setup)
+
+    # No second-order gradients: differentiating a backward op raises instead of returning
+    # silently wrong zeros (what an op without autograd would give under create_graph=True).
+    def _no_double_backward(op):
+        def setup(ctx, inputs, output):
+            pass
+
+        def backward(ctx, *grads):
+            raise RuntimeError(f"midus_ops: double backward through {op} is not supported "
+                               f"(the first-order gradients are; use the reference ops for higher orders)")
+        return backward, setup
+
+    for _op in ("pk_topk_backward", "hive_gather_backward"):
+        _bw, _setup = _no_double_backward(_op)
+        torch.library.register_autograd(f"midus_ops::{_op}", _bw, setup_context=_setup)
