@@ -76,8 +76,20 @@ def load_model(model: str, device=None):
 
 
 def _check_output(output: str) -> None:
-    if Path(output).expanduser().exists() and not Path(output).expanduser().is_dir():
+    """An existing --output is replaced whole, so it must be a folder this tool could have written:
+    empty, or a model folder (config.json). Anything else, and the working folder or one of its
+    parents, is refused rather than deleted."""
+    path = Path(output).expanduser()
+    if path.exists() and not path.is_dir():
         raise CLIError(f"--output: {output} exists and is not a folder")
+    if path.is_dir():
+        resolved, cwd = path.resolve(), Path.cwd().resolve()
+        if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+            raise CLIError(f"--output: {output} is the working folder, one of its parents or the home folder; "
+                           f"it would be replaced whole: name a new folder")
+        if any(path.iterdir()) and not (path / "config.json").is_file():
+            raise CLIError(f"--output: {output} is a non-empty folder that is not a model folder (no config.json); "
+                           f"it would be replaced whole: name a new or empty folder")
 
 
 @contextmanager

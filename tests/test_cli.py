@@ -64,8 +64,9 @@ def test_upscale_writes_a_loadable_folder(tiny_model_dir, tmp_path, capsys):
 
 def test_failed_commands_leave_existing_output_unchanged(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch,
                                                          capsys):
-    out = tmp_path / "out"
+    out = tmp_path / "out"  # an earlier output (a model folder), which a failed run must keep
     out.mkdir()
+    (out / "config.json").write_text("{}")
     (out / "keep.txt").write_text("precious")
     before = snapshot(out)
     # upscale fails inside the output block (K > L is rejected by midus.upscale).
@@ -84,6 +85,20 @@ def test_failed_commands_leave_existing_output_unchanged(tiny_model_dir, tiny_te
               "--seq-len", "16", "--batch-size", "2", "--no-progress"])
     assert snapshot(out) == before
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []
+
+
+def test_output_that_is_not_a_model_folder_is_refused_not_replaced(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # --output is replaced whole on success, so a folder of other files, the working folder and
+    # its parents are refused up front and left exactly as they were.
+    notes = tmp_path / "project"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    monkeypatch.chdir(notes)
+    for output in [str(notes), ".", str(tmp_path)]:
+        before = snapshot(notes)
+        rc = main(["upscale", "--model", tiny_model_dir, "--output", output, "--num-blocks", "1"] + TINY_MEM)
+        assert rc == 1 and "--output" in capsys.readouterr().err
+        assert snapshot(notes) == before
 
 
 @pytest.mark.parametrize("command", [["upscale", "--output", "X"], ["train", "--output", "X"], ["eval"], ["run"]])
