@@ -362,7 +362,8 @@ def _add_upscale_args(p, required_output: bool) -> None:
     g = p.add_argument_group("up-scaling (spec 3.2, 3.3)")
     g.add_argument("--method", default="midus", choices=["midus", "dus", "llama_pro", "solar"],
                    help="up-scaling method (default: midus)")
-    g.add_argument("--num-blocks", type=int, default=8, help="K, new blocks to insert (default: 8)")
+    g.add_argument("--num-blocks", type=int, default=None,
+                   help="K, new blocks to insert (default: the length of an explicit --placement list, else 8)")
     g.add_argument("--placement", default="distributed",
                    help="distributed | top-heavy | bottom-heavy | comma-separated base-layer indices "
                         "(default: distributed)")
@@ -481,6 +482,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``midus`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "placement", None) is not None and getattr(args, "num_blocks", 0) is None:
+            placement = _parse_placement(args.placement)  # K: an explicit list's length, else 8
+            args.num_blocks = len(placement) if isinstance(placement, list) else 8
         return args.func(args)
     except (CLIError, FileNotFoundError, ValueError, TypeError) as err:
         if os.environ.get("MIDUS_DEBUG"):

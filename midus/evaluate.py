@@ -80,6 +80,9 @@ def perplexity(model, ids: torch.Tensor, window: int = 512, stride: int = 0, bat
 
     if ids.dim() != 1:
         raise ValueError(f"ids must be a 1-D token stream, got shape {tuple(ids.shape)}")
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if context is not None and window > context:
+        raise ValueError(f"window={window} exceeds the model's context (max_position_embeddings={context})")
     stride = stride or max(1, window // 2)
     spans = list(sliding_windows(ids.numel(), window, stride))
     device = device or next(model.parameters()).device

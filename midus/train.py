@@ -340,6 +340,8 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None, **ove
     cfg = TrainConfig(**{**(asdict(config) if config else {}), **overrides})
     if data.dim() != 2 or data.dtype != torch.long:
         raise ValueError(f"data must be int64 [num_sequences, seq_len], got {data.dtype} {tuple(data.shape)}")
+    if data.shape[1] < 2:
+        raise ValueError(f"data: seq_len must be >= 2 (one input and one next-token target), got {data.shape[1]}")
     device = init_distributed()
     rank, world, local = dist_info()
     torch.manual_seed(cfg.seed)

@@ -152,3 +152,11 @@ def test_run_smoke_on_the_default_model(tmp_path, capsys):
     assert 1 < r["ppl_base"] < 1000
     assert r["ppl_before"] == pytest.approx(r["ppl_base"], rel=1e-4)  # identity at insertion
     assert r["train_steps"] == 2 and r["train_tokens"] == 2 * 2 * 32 and r["train_tokens_per_s"] > 0
+
+
+def test_explicit_placement_sets_the_number_of_blocks(tiny_model_dir, tmp_path):
+    out = tmp_path / "placed"
+    assert main(["upscale", "--model", tiny_model_dir, "--output", str(out), "--placement", "0,2"] + TINY_MEM) == 0
+    import json
+    record = json.loads((out / "config.json").read_text())["midus_upscale"]
+    assert record["num_blocks"] == 2 and record["base_layers"] == [0, 2]

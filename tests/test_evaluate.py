@@ -96,3 +96,9 @@ def test_batching_and_mode_do_not_change_the_result(model, ids):
     assert a.nll == pytest.approx(b.nll, rel=1e-5)
     # Default stride is window // 2; more context (smaller stride) does not change the count.
     assert perplexity(model, ids, window=16).tokens == ids.numel() - 1
+
+
+def test_window_longer_than_the_context_is_an_error():
+    model = make_tiny_llama(64)  # max_position_embeddings=512
+    with pytest.raises(ValueError, match="window=1000 exceeds"):
+        perplexity(model, torch.randint(0, 64, (2000,)), window=1000)

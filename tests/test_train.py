@@ -217,3 +217,9 @@ def test_ddp_two_processes_match_one_process(tmp_path):
             safe_open(tmp_path / "rank0of1.safetensors", "pt") as f1:
         ddp_losses, one_losses = json.loads(f2.metadata()["losses"]), json.loads(f1.metadata()["losses"])
     assert ddp_losses == pytest.approx(one_losses, rel=1e-5)  # loss averaged over ranks = global batch loss
+
+
+def test_sequences_of_one_token_are_an_error():
+    # one token has no next-token target: the loss would be NaN
+    with pytest.raises(ValueError, match="seq_len must be >= 2"):
+        train(make_tiny_llama(64), torch.randint(0, 64, (8, 1)), TrainConfig(max_steps=1, micro_batch_size=2, progress=False))
