@@ -4,6 +4,21 @@ import os as _os
 
 _os.environ.setdefault("MIDUS_OPS_CUDA_KERNELS", "1")
 
+
+# ---- shared fixtures ----
+import pytest as _pytest_shared  # noqa: E402
+
+
+@_pytest_shared.fixture(scope="module")
+def one_thread():
+    """Small models run fastest on one torch thread, and do not stall when the CPUs are shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # ---- BEGIN data/train/eval/cli fixtures (midus.data, midus.train, midus.evaluate, midus.cli) ----
 import warnings as _warnings
 

@@ -48,13 +48,7 @@ VARIANTS = {  # name -> (method, options)
 IDENTITY_VARIANTS = ["midus-hml", "midus-hml-copy", "midus-pkm", "llama_pro"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall when the CPUs are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def tiny(family, seed=0):

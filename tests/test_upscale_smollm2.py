@@ -28,13 +28,7 @@ def _tokenize(path, text):
         return Tokenizer.from_file(f"{path}/tokenizer.json").encode(text).ids
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: these small matmuls gain little from two, and do not stall on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
