@@ -132,6 +132,28 @@ __device__ __forceinline__ uint16_t bf16_bits(float x) { return __bfloat16_as_us
 __device__ __forceinline__ float bf16_value(uint16_t b) { return __uint_as_float(uint32_t(b) << 16); }
 __device__ __forceinline__ uint32_t pack2(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
 
+// Stages the bank rows and weights of a tile of `tokens` tokens from t0 (head h) into shared
+// memory, as the tensor-core kernels use them; tokens past N get row 0 and weight 0. A bad index
+// asserts here, before any row is read.
+template <typename T, typename index_t>
+__device__ __forceinline__ void stage_tile_rows(int32_t* sR, float* sW, const index_t* idx, const uint16_t* w,
+                                                int64_t t0, int tokens, int64_t N, int H, int h, int k, int64_t R,
+                                                int tid, int nthreads) {
+  for (int i = tid; i < tokens * k; i += nthreads) {
+    const int t = i / k, j = i - t * k;
+    const int64_t tok = t0 + t;
+    int32_t r = 0;
+    float wv = 0.f;
+    if (tok < N) {
+      const int64_t e = (tok * H + h) * k + j;
+      r = static_cast<int32_t>(checked_row(idx[e], R));
+      wv = F16<T>::to_float(w[e]);
+    }
+    sR[i] = r;
+    sW[i] = wv;
+  }
+}
+
 // x = hi + lo with hi = bf16(x) and lo = bf16(x - hi): two bf16 terms, ~2^-17 relative error.
 __device__ __forceinline__ void split_bf16(float x, uint16_t& hi, uint16_t& lo) {
   hi = bf16_bits(x);
@@ -553,20 +575,7 @@ __global__ void __launch_bounds__(F_THREADS, 2)
   const int h = blockIdx.y;
   const int v0 = blockIdx.z * F_VT;
 
-  // Rows and weights of the tile (a bad index asserts here, before any row is read).
-  for (int i = tid; i < F_TM * k; i += F_THREADS) {
-    const int t = i / k, j = i - t * k;
-    const int64_t tok = t0 + t;
-    int32_t r = 0;
-    float wv = 0.f;
-    if (tok < N) {
-      const int64_t e = (tok * H + h) * k + j;
-      r = static_cast<int32_t>(checked_row(idx[e], R));
-      wv = F16<T>::to_float(w[e]);
-    }
-    sR[i] = r;
-    sW[i] = wv;
-  }
+  stage_tile_rows<T>(sR, sW, idx, w, t0, F_TM, N, H, h, k, R, tid, F_THREADS);
 
   const int mt = warp & 3;   // token rows 16*mt .. 16*mt+15
   const int nh = warp >> 2;  // v columns 32*nh .. 32*nh+31 of the tile
@@ -730,19 +739,7 @@ __global__ void __launch_bounds__(B_THREADS, 1)
       const int64_t tok = t0 + t;
       Gs[t * d.LDV + v] = (tok < N && v < dv) ? gout[(tok * H + h) * dv + v] : uint16_t(0);
     }
-    for (int i = tid; i < B_TM * k; i += B_THREADS) {
-      const int t = i / k, j = i - t * k;
-      const int64_t tok = t0 + t;
-      int32_t r = 0;
-      float wv = 0.f;
-      if (tok < N) {
-        const int64_t e = (tok * H + h) * k + j;
-        r = static_cast<int32_t>(checked_row(idx[e], R));
-        wv = F16<T>::to_float(w[e]);
-      }
-      sR[i] = r;
-      sW[i] = wv;
-    }
+    stage_tile_rows<T>(sR, sW, idx, w, t0, B_TM, N, H, h, k, R, tid, B_THREADS);
     __syncthreads();
     if (need_w) {
       // GU[t][z] = sum_v Gs[t][v] * Ps[z][v]: warp w computes z columns 32w .. 32w+31.
