@@ -145,8 +145,10 @@ setup(
         "tqdm",
         "mwparserfromhell",
         "datasets",
+        "lm-eval>=0.4.5",   # zero-shot tasks (`midus eval --tasks`, `midus compare`)
+        "matplotlib",       # figures of `midus analyze`, `midus compare` and benchmarks/plot.py
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "pytest-benchmark"]},
     entry_points={"console_scripts": ["midus=midus.cli:main"]},
     zip_safe=False,
 )
