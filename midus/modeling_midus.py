@@ -41,7 +41,12 @@ try:  # transformers >= 5
 except ImportError:  # transformers 4.x
     from transformers import PretrainedConfig as _BaseConfig
 
-from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory
+try:  # transformers' import check skips try blocks, so the error below is the one users see
+    from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory
+except ImportError as _err:
+    raise ImportError("this MIDUS model needs the `midus_ops` memory layers, which the `midus` package provides: "
+                      "install it from its repository with `pip install --no-build-isolation .` "
+                      f"(import failed: {_err})") from _err
 
 __all__ = ["MidusConfig", "MidusForCausalLM", "MidusPreTrainedModel", "MidusMemoryBlock", "SUPPORTED_FAMILIES",
            "family_classes", "MEMORY_DEFAULTS"]
