@@ -133,6 +133,7 @@ setup(
     long_description=open(os.path.join(here, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["midus_ops", "midus_ops.*", "midus", "midus.*"]),
+    package_data={"midus.tasks": ["*.yaml"]},  # lm-eval task configs of midus.zeroshot
     ext_modules=[ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     python_requires=">=3.9",

