@@ -5,6 +5,7 @@
     midus eval    --model default --model smol-midus-cpt --data wiki
     midus eval    --model default --tasks arc_easy,piqa --limit 50   # + zero-shot accuracy (lm-eval)
     midus run                       # all three with defaults, prints a table (2-core CPU: <= 10 min)
+    midus compare                   # every up-scaling method, same CPT budget: table + plot (~45 min CPU)
     torchrun --nproc_per_node 2 -m midus train ...   # DDP (gloo on CPU, NCCL on GPU)
 
 ``--model default`` is SmolLM2-135M-Instruct, fetched and converted on first use
@@ -17,6 +18,7 @@ and exit with status 1 (``MIDUS_DEBUG=1`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -474,7 +476,8 @@ def _add_eval_args(p, window: int, batch: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="midus", description="Memory-Infused Depth Up-Scaling (MIDUS) of Hugging "
                                      "Face causal LMs: up-scale, continue pre-training, evaluate.")
-    sub = parser.add_subparsers(dest="command", metavar="{upscale,train,eval,run}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(["upscale", "train", "eval", "run"] +
+                                                                   [c[0] for c in _MODULE_COMMANDS]) + "}")
     sub.required = True
 
     p = sub.add_parser("upscale", help="insert K new blocks into a model and save it",
@@ -542,7 +545,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p, steps=30, seq_len=128, batch=8, lr=1e-3, warmup=3)
     _add_eval_args(p, window=128, batch=8)
     p.set_defaults(func=cmd_run)
+
+    for name, module, help_, description in _MODULE_COMMANDS:
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_, description=description)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
     return parser
+
+
+# Commands whose flags and body live in their own module: (name, module, help, description).
+_MODULE_COMMANDS = [
+    ("compare", "midus.compare", "compare up-scaling methods under the same CPT budget (paper section 4, small scale)",
+     "Up-scale the model with each method (same K), give each the same continued pre-training, and "
+     "tabulate parameters added, training s/step, peak memory, validation perplexity and zero-shot "
+     "accuracy; writes compare.json, compare.md and compare.png. The default (--preset cpu) takes "
+     "about 45 minutes on 2 CPU cores."),
+]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -197,9 +197,9 @@ def run_method(name: str, cfg: CompareConfig) -> dict:
                      autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     row.update(ppl=ppl.ppl, eval_tokens=ppl.tokens)
     if cfg.tasks:
-        from .zeroshot import ZERO_SHOT_TASKS, evaluate_zero_shot
+        from .zeroshot import evaluate_zero_shot, resolve_tasks
 
-        tasks = list(ZERO_SHOT_TASKS) if cfg.tasks == ["all"] else cfg.tasks
+        tasks = resolve_tasks(cfg.tasks)
         t1 = time.time()
         row["zero_shot"] = evaluate_zero_shot(model, tokenizer, tasks, limit=cfg.limit or None, device=device,
                                               autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
@@ -417,12 +417,13 @@ def run(args) -> int:
     """``midus compare``: run the comparison, print the Markdown table, write the report files."""
     cfg = config_from_args(args)
     _check_output_dir(args.output)  # fail before an hour of work, not after
-    if cfg.tasks and cfg.tasks != ["all"]:
-        from .zeroshot import ZERO_SHOT_TASKS
+    if cfg.tasks:
+        from .zeroshot import resolve_tasks
 
-        bad = [t for t in cfg.tasks if t not in ZERO_SHOT_TASKS]
-        if bad:
-            raise ValueError(f"--tasks: unknown {bad}; expected some of {', '.join(ZERO_SHOT_TASKS)}, 'all' or 'none'")
+        try:
+            cfg.tasks = resolve_tasks(cfg.tasks)
+        except ValueError as err:
+            raise ValueError(f"--{err}") from None
     report = compare(cfg, output_dir=args.output)
     print(markdown_table(report))
     print(f"wrote {args.output}/compare.json, compare.md, compare.png")

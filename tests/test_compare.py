@@ -69,3 +69,27 @@ def test_a_failing_method_is_reported_in_its_row(tmp_path, tiny_model_dir, tiny_
     assert "L - K" in solar["error"] or "even" in solar["error"]
     assert "error" not in mid and mid["ppl"] > 1.0
     assert "failed" in capsys.readouterr().out
+
+
+def test_zero_shot_columns(tmp_path, tiny_model_dir, tiny_text_file, one_thread):
+    args = _args(tiny_model_dir, tiny_text_file, tmp_path / "out", "--methods", "base,midus", "--steps", "1",
+                 "--tasks", "arc_easy,csqa", "--limit", "3")
+    report = cmp.compare(cmp.config_from_args(args), output_dir=str(tmp_path / "out"), in_process=True)
+    for row in report["rows"]:
+        assert set(row["zero_shot"]) == {"arc_easy", "csqa"}
+        assert all(v["n"] == 3 and 0.0 <= v["acc"] <= 1.0 for v in row["zero_shot"].values())
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "arc_easy" in md and "mean acc" in md and "first 3 examples per task" in md
+
+
+def test_unknown_task_is_refused_before_any_work(tmp_path, tiny_model_dir, tiny_text_file):
+    with pytest.raises(ValueError, match="tasks"):
+        cmp.run(_args(tiny_model_dir, tiny_text_file, tmp_path / "out", "--tasks", "arc_easy,nope"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_wires_compare(capsys, tmp_path):
+    from midus.cli import main
+
+    assert main(["compare", "--methods", "midus,nope", "--output", str(tmp_path / "o")]) == 1
+    assert "methods" in capsys.readouterr().err
