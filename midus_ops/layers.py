@@ -34,6 +34,27 @@ def _softmax_dtype(dt: torch.dtype) -> torch.dtype:
     return torch.float64 if dt == torch.float64 else torch.float32
 
 
+def _topk_weights(scores: torch.Tensor, tau: float, allow_16bit: bool = True) -> torch.Tensor:
+    """softmax(scores / tau) over the last dim, computed in fp32 (fp64 for fp64).
+
+    Returned in fp32 (fp64), except in one case: bf16/fp16 CUDA scores that need no gradient
+    with tau = 1 (inference, decode) give the weights in the scores' dtype straight from torch's
+    CUDA softmax, which computes in fp32 and rounds once at the end: the same values as the fp32
+    softmax rounded by the caller's ``.to``, in one kernel launch instead of three (cast, softmax,
+    cast). Decode (spec/HML.md 4) is launch-bound. With gradients (or ``allow_16bit=False``, while
+    usage statistics record the weights) the fp32 path runs, so that the softmax backward and the
+    statistics use the fp32 weights. Elsewhere softmax's ``dtype`` argument converts the
+    input (as an explicit ``.to`` would) and tau = 1 skips the division.
+    """
+    if (allow_16bit and tau == 1.0 and scores.is_cuda and not scores.requires_grad
+            and scores.dtype in (torch.bfloat16, torch.float16)):
+        return torch.softmax(scores, dim=-1)
+    sd = _softmax_dtype(scores.dtype)
+    if tau != 1.0:
+        scores = scores.to(sd) / tau
+    return torch.softmax(scores, dim=-1, dtype=sd)
+
+
 class _PerHeadRMSNorm(nn.Module):
     """RMSNorm over the last dim with a learnable scale per head: x [..., H, d] -> [..., H, d]."""
 
@@ -178,10 +199,14 @@ class HeadwiseMemoryLayer(nn.Module):
             q = self.query_norm(q)
         dt = q.dtype
         scores, idx = pk_topk(q, self.subkeys.to(dt), self.k)
-        w = torch.softmax(scores.to(_softmax_dtype(dt)) / self.tau, dim=-1)
-        if self.track_stats and not self.training:
+        recording = self.track_stats and not self.training
+        w = _topk_weights(scores, self.tau, allow_16bit=not recording)
+        if recording:
             self.stats.update(idx, w)
-        r = hive_gather(w.to(dt), idx, self.bank.to(dt), self.proj.to(dt), deterministic=self.deterministic)
+        # The indices come from pk_topk, in [0, n*n) by construction: no host-side range check
+        # (on CUDA a synchronisation, which would also break CUDA graph capture).
+        r = hive_gather(w.to(dt), idx, self.bank.to(dt), self.proj.to(dt), deterministic=self.deterministic,
+                        check_indices=False)
         return r.reshape(*lead, self.num_heads, self.head_dim)
 
     def memory_stats(self) -> Dict[str, torch.Tensor]:
@@ -265,14 +290,15 @@ class ProductKeyMemory(nn.Module):
         dt = x.dtype
         q = F.linear(x.reshape(-1, self.d_model), self.query.weight.to(dt)).view(-1, self.num_heads, self.d_k)
         scores, idx = pk_topk(q, self.subkeys.to(dt), self.k)
-        w = torch.softmax(scores.to(_softmax_dtype(dt)) / self.tau, dim=-1)
-        if self.track_stats and not self.training:
+        recording = self.track_stats and not self.training
+        w = _topk_weights(scores, self.tau, allow_16bit=not recording)
+        if recording:
             self.stats.update(idx, w)
         # Summing heads equals one bag of H_m * k rows per token: no [N, H_m, d_out] intermediate.
         N = q.shape[0]
         bag = self.num_heads * self.k
         out = hive_gather(w.to(dt).reshape(N, 1, bag), idx.reshape(N, 1, bag), self.values.to(dt), None,
-                          deterministic=self.deterministic)
+                          deterministic=self.deterministic, check_indices=False)  # from pk_topk: in range
         return out.reshape(*lead, self.d_out)
 
     memory_stats = HeadwiseMemoryLayer.memory_stats

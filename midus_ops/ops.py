@@ -56,6 +56,11 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 # reference on CUDA tensors. (torch.ops.midus_ops.* always dispatches to them.)
 CUDA_KERNELS_ENABLED: bool = os.environ.get("MIDUS_OPS_CUDA_KERNELS", "0") not in ("", "0")
 
+# The CUDA pk_topk kernel's limits (csrc/cuda/pk_topk.cu): beyond them the public op runs the
+# reference on CUDA tensors (the direct op raises an error naming k or n).
+CUDA_PK_TOPK_MAX_K = 64
+CUDA_PK_TOPK_MAX_N = 4096
+
 # Which (op, device type) pairs have a compiled kernel, read once: a plain dict lookup is what
 # torch.compile can trace (the dispatcher query itself would break the graph).
 _KERNELS = {
@@ -111,6 +116,8 @@ def pk_topk(q: torch.Tensor, subkeys: torch.Tensor, k: int) -> Tuple[torch.Tenso
 
     Gradients flow to ``q`` and ``subkeys`` through the selected sub-key scores only.
 
+    On CUDA the compiled kernel handles k <= 64 and n <= 4096; larger shapes run the reference.
+
     Raises:
         TypeError: a non-tensor, a non-float dtype, ``q``/``subkeys`` dtypes differ, ``k`` not int.
         ValueError: wrong ranks, odd d_k, H or d_k mismatch, k outside [1, n], mixed devices.
@@ -130,7 +137,8 @@ def pk_topk(q: torch.Tensor, subkeys: torch.Tensor, k: int) -> Tuple[torch.Tenso
     _check(isinstance(k, int) and not isinstance(k, bool), f"k must be an int, got {type(k).__name__}", TypeError)
     n = subkeys.shape[2]
     _check(1 <= k <= n, f"k must satisfy 1 <= k <= n = {n} (subkeys.shape[2]), got k = {k}")
-    if has_kernel("pk_topk", q.device):
+    if has_kernel("pk_topk", q.device) and (
+            q.device.type != "cuda" or (k <= CUDA_PK_TOPK_MAX_K and n <= CUDA_PK_TOPK_MAX_N)):
         return torch.ops.midus_ops.pk_topk(q, subkeys, k)
     return pk_topk_ref(q, subkeys, k)
 
@@ -145,6 +153,7 @@ def hive_gather(
     proj: Optional[torch.Tensor] = None,
     *,
     deterministic: bool = False,
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """Weighted gather from a shared latent bank and per-head projection (spec/HML.md 1.2).
 
@@ -159,6 +168,12 @@ def hive_gather(
         proj: [H, d_z, d_v] per-head projections (linear, no bias), or None (d_v = d_z).
         deterministic: bitwise-identical gradients run to run; also implied by
             ``torch.use_deterministic_algorithms(True)``. (The CPU kernels always are.)
+        check_indices: True (default) checks every index before reading; on CUDA that is a
+            host-side check, i.e. a stream synchronisation (skipped while a CUDA graph is being
+            captured). False means the caller guarantees 0 <= indices < R, as for indices from
+            :func:`pk_topk` with R = n * n (the layers pass False): the CUDA kernels then skip the
+            synchronisation, and a bad index fails as an asynchronous device-side assert naming
+            ``indices`` instead of an IndexError. The CPU kernels check either way.
 
     Returns:
         out: [N, H, d_v], dtype of ``bank``; sums are accumulated in fp32 (fp64 for fp64).
@@ -195,7 +210,7 @@ def hive_gather(
     _check(bank.shape[0] > 0 or indices.numel() == 0, "bank has no rows (R = 0) but indices is not empty")
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     if has_kernel("hive_gather", bank.device):
-        return torch.ops.midus_ops.hive_gather(weights, indices, bank, proj, deterministic)
+        return torch.ops.midus_ops.hive_gather(weights, indices, bank, proj, deterministic, bool(check_indices))
     return hive_gather_ref(weights, indices, bank, proj)
 
 
@@ -210,19 +225,19 @@ if EXTENSION_AVAILABLE:
         return q.new_empty((N, H, k)), q.new_empty((N, H, k), dtype=torch.int64)
 
     @torch.library.register_fake("midus_ops::pk_topk_backward")
-    def _pk_topk_backward_fake(grad_scores, q, subkeys, indices, need_q, need_subkeys):
+    def _pk_topk_backward_fake(grad_scores, q, subkeys, indices, need_q, need_subkeys, check_indices=True):
         return (q.new_empty(q.shape) if need_q else q.new_empty((0,)),
                 subkeys.new_empty(subkeys.shape) if need_subkeys else subkeys.new_empty((0,)))
 
     @torch.library.register_fake("midus_ops::hive_gather")
-    def _hive_gather_fake(weights, indices, bank, proj, deterministic):
+    def _hive_gather_fake(weights, indices, bank, proj, deterministic, check_indices=True):
         N, H, _ = weights.shape
         d_v = bank.shape[1] if proj is None else proj.shape[2]
         return bank.new_empty((N, H, d_v))
 
     @torch.library.register_fake("midus_ops::hive_gather_backward")
     def _hive_gather_backward_fake(grad_out, weights, indices, bank, proj, deterministic,
-                                   need_weights, need_bank, need_proj):
+                                   need_weights, need_bank, need_proj, check_indices=True):
         empty = bank.new_empty((0,))
         return (weights.new_empty(weights.shape) if need_weights else empty,
                 bank.new_empty(bank.shape) if need_bank else empty,
@@ -237,13 +252,15 @@ if EXTENSION_AVAILABLE:
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_q or need_k):
             return None, None, None
-        gq, gk = torch.ops.midus_ops.pk_topk_backward(grad_scores, q, subkeys, indices, need_q, need_k)
+        # check_indices=False: the indices are the forward's own output (saved, so an in-place
+        # change would fail autograd's version check), in range by construction: no synchronisation.
+        gq, gk = torch.ops.midus_ops.pk_topk_backward(grad_scores, q, subkeys, indices, need_q, need_k, False)
         return (gq if need_q else None), (gk if need_k else None), None
 
     torch.library.register_autograd("midus_ops::pk_topk", _pk_topk_backward, setup_context=_pk_topk_setup)
 
     def _hive_gather_setup(ctx, inputs, output):
-        weights, indices, bank, proj, deterministic = inputs
+        weights, indices, bank, proj, deterministic = inputs[:5]  # (and check_indices)
         ctx.has_proj = proj is not None
         ctx.deterministic = deterministic
         ctx.save_for_backward(weights, indices, bank, proj)
@@ -253,10 +270,12 @@ if EXTENSION_AVAILABLE:
         need_w, _, need_bank, need_proj = ctx.needs_input_grad[:4]
         need_proj = bool(need_proj) and ctx.has_proj
         if not (need_w or need_bank or need_proj):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
+        # check_indices=False: the forward already checked these indices (or its caller vouched
+        # for them), and autograd's version check rules out a change since.
         gw, gb, gp = torch.ops.midus_ops.hive_gather_backward(
-            grad_out, weights, indices, bank, proj, ctx.deterministic, need_w, need_bank, need_proj)
-        return (gw if need_w else None), None, (gb if need_bank else None), (gp if need_proj else None), None
+            grad_out, weights, indices, bank, proj, ctx.deterministic, need_w, need_bank, need_proj, False)
+        return (gw if need_w else None), None, (gb if need_bank else None), (gp if need_proj else None), None, None
 
     torch.library.register_autograd("midus_ops::hive_gather", _hive_gather_backward,
                                     setup_context=_hive_gather_setup)

@@ -54,7 +54,8 @@ inline acc_t dot(const acc_t* g, const scalar_t* row, int64_t d) {
 at::ScalarType acc_type_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor hive_gather_cpu(const at::Tensor& weights_in, const at::Tensor& indices_in, const at::Tensor& bank_in,
-                           const c10::optional<at::Tensor>& proj_in, bool /*deterministic: always, on CPU*/) {
+                           const c10::optional<at::Tensor>& proj_in, bool /*deterministic: always, on CPU*/,
+                           bool /*check_indices: the CPU check is cheap (no synchronisation), so it always runs*/) {
   MIDUS_NO_AUTOCAST();
   check_hive_gather(weights_in, indices_in, bank_in, proj_in);
   const int64_t N = weights_in.size(0), H = weights_in.size(1), k = weights_in.size(2);
@@ -90,7 +91,7 @@ at::Tensor hive_gather_cpu(const at::Tensor& weights_in, const at::Tensor& indic
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hive_gather_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& weights_in, const at::Tensor& indices_in,
     const at::Tensor& bank_in, const c10::optional<at::Tensor>& proj_in, bool /*deterministic*/, bool need_w,
-    bool need_bank, bool need_proj) {
+    bool need_bank, bool need_proj, bool /*check_indices: always checked on CPU*/) {
   MIDUS_NO_AUTOCAST();
   check_hive_gather(weights_in, indices_in, bank_in, proj_in);
   const int64_t N = weights_in.size(0), H = weights_in.size(1), k = weights_in.size(2);

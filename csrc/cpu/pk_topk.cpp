@@ -85,7 +85,8 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& q_in, const at:
 // batched GEMMs. No atomics and no scatter over tokens: bitwise deterministic.
 std::tuple<at::Tensor, at::Tensor> pk_topk_backward_cpu(const at::Tensor& grad_scores_in, const at::Tensor& q_in,
                                                         const at::Tensor& subkeys_in, const at::Tensor& indices_in,
-                                                        bool need_q, bool need_subkeys) {
+                                                        bool need_q, bool need_subkeys,
+                                                        bool /*check_indices: always checked on CPU*/) {
   MIDUS_NO_AUTOCAST();
   check_pk_topk(q_in, subkeys_in, 1);
   const int64_t N = q_in.size(0), H = q_in.size(1), half = q_in.size(2) / 2, n = subkeys_in.size(2);

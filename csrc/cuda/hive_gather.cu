@@ -56,7 +56,9 @@
 //    a bad index then fails as an asynchronous device-side assert whose message names `indices`,
 //    and the CUDA context is unusable afterwards, as with torch's index ops. The host check is
 //    also skipped while the current stream is capturing a CUDA graph (no synchronisation is
-//    possible there).
+//    possible there), and when the caller passes check_indices=False: the layers do, since their
+//    indices come from pk_topk (in [0, n*n) by construction), and so does the autograd backward
+//    (its indices are the forward's, already checked there). The helpers are in cuda_common.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -76,6 +78,7 @@
 #include <type_traits>
 
 #include "../checks.h"
+#include "cuda_common.cuh"
 
 namespace midus {
 namespace {
@@ -265,75 +268,6 @@ template <typename T, int VEC>
 struct alignas((sizeof(T) * VEC > 16) ? 16 : sizeof(T) * VEC) Vec {
   T v[VEC];
 };
-
-// ============================================================================================
-// Index range check (host side, default) -- see the header comment
-// ============================================================================================
-template <typename index_t>
-__global__ void count_bad_indices_kernel(const index_t* __restrict__ idx, int64_t n, int64_t R,
-                                         unsigned long long* __restrict__ out) {
-  unsigned long long bad = 0;
-  long long example = 0;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const int64_t r = static_cast<int64_t>(idx[i]);
-    if (r < 0 || r >= R) {
-      ++bad;
-      example = r;
-    }
-  }
-  if (bad) {
-    atomicAdd(out, bad);
-    atomicExch(out + 1, static_cast<unsigned long long>(example));
-  }
-}
-
-int device_sm_count(int device) {
-  static int cache[64] = {0};
-  if (device >= 0 && device < 64 && cache[device] > 0) return cache[device];
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < 64) cache[device] = n;
-  return n;
-}
-
-int device_smem_optin(int device) {
-  static int cache[64] = {0};
-  if (device >= 0 && device < 64 && cache[device] > 0) return cache[device];
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (device >= 0 && device < 64) cache[device] = n;
-  return n;
-}
-
-bool host_index_check_enabled(cudaStream_t stream) {
-  const char* s = std::getenv("MIDUS_OPS_CUDA_INDEX_CHECK");
-  if (s != nullptr && (!std::strcmp(s, "device") || !std::strcmp(s, "0") || !std::strcmp(s, "off"))) return false;
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  return status == cudaStreamCaptureStatusNone;
-}
-
-// Raises IndexError naming `indices` for any index outside [0, R) (see the header comment).
-void check_index_range_cuda(const at::Tensor& idx, int64_t R, const char* op, cudaStream_t stream) {
-  const int64_t n = idx.numel();
-  if (n == 0 || !host_index_check_enabled(stream)) return;
-  auto buf = at::empty({2}, idx.options().dtype(at::kLong));
-  auto* dbuf = reinterpret_cast<unsigned long long*>(buf.data_ptr<int64_t>());
-  C10_CUDA_CHECK(cudaMemsetAsync(dbuf, 0, 2 * sizeof(unsigned long long), stream));
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, int64_t(device_sm_count(idx.get_device())) * 8);
-  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "hive_gather_check_indices", [&] {
-    count_bad_indices_kernel<index_t>
-        <<<static_cast<unsigned>(blocks), threads, 0, stream>>>(idx.data_ptr<index_t>(), n, R, dbuf);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  unsigned long long host[2] = {0, 0};
-  C10_CUDA_CHECK(cudaMemcpyAsync(host, dbuf, sizeof(host), cudaMemcpyDeviceToHost, stream));
-  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
-  TORCH_CHECK_INDEX(host[0] == 0, op, ": indices out of range: found ", static_cast<long long>(host[1]),
-                    ", expected every index in [0, ", R, ") (", host[0], " indices out of range)");
-}
 
 // ============================================================================================
 // bag_gather: out[b, :] = sum_j w[b*k + j] * bank[idx[b*k + j], :] (no projection)
@@ -1229,7 +1163,8 @@ bool try_bwd_tc(const Shapes& s, const at::Tensor& bank, const scalar_t* gop, co
 }
 
 at::Tensor hive_gather_cuda(const at::Tensor& weights_in, const at::Tensor& indices_in, const at::Tensor& bank_in,
-                            const c10::optional<at::Tensor>& proj_in, bool /*deterministic: always, on CUDA*/) {
+                            const c10::optional<at::Tensor>& proj_in, bool /*deterministic: always, on CUDA*/,
+                            bool check_indices) {
   MIDUS_NO_AUTOCAST();
   check_hive_gather(weights_in, indices_in, bank_in, proj_in);
   TORCH_CHECK(bank_in.is_cuda(), "hive_gather: the CUDA kernel got a bank on ", bank_in.device());
@@ -1242,7 +1177,7 @@ at::Tensor hive_gather_cuda(const at::Tensor& weights_in, const at::Tensor& indi
   auto idx = indices_in.contiguous();
   auto bank = bank_in.contiguous();
   at::Tensor proj = s.has_proj ? proj_in->contiguous() : at::Tensor();
-  check_index_range_cuda(idx, s.R, "hive_gather", stream);
+  if (check_indices) check_index_range_cuda(idx, s.R, "hive_gather", stream);
   if (s.k == 0 || s.dz == 0) return out.zero_();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bank.scalar_type(), "hive_gather_cuda", [&] {
@@ -1273,7 +1208,7 @@ at::Tensor hive_gather_cuda(const at::Tensor& weights_in, const at::Tensor& indi
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hive_gather_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& weights_in, const at::Tensor& indices_in,
     const at::Tensor& bank_in, const c10::optional<at::Tensor>& proj_in, bool /*deterministic: always*/,
-    bool need_w, bool need_bank, bool need_proj) {
+    bool need_w, bool need_bank, bool need_proj, bool check_indices) {
   MIDUS_NO_AUTOCAST();
   check_hive_gather(weights_in, indices_in, bank_in, proj_in);
   TORCH_CHECK(bank_in.is_cuda(), "hive_gather_backward: the CUDA kernel got a bank on ", bank_in.device());
@@ -1299,7 +1234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hive_gather_backward_cuda(
   auto bank = bank_in.contiguous();
   auto gout = grad_out_in.to(bank_in.scalar_type()).contiguous();
   at::Tensor proj = s.has_proj ? proj_in->contiguous() : at::Tensor();
-  check_index_range_cuda(idx, s.R, "hive_gather_backward", stream);
+  if (check_indices) check_index_range_cuda(idx, s.R, "hive_gather_backward", stream);
   if (s.dz == 0) return {need_w ? gw.zero_() : gw, gb, gp};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bank.scalar_type(), "hive_gather_backward_cuda", [&] {
