@@ -8,7 +8,7 @@
   weight decay. ``no_decay``: norms and biases: the same schedule, weight decay 0.
 - ``trainable``: "new" (only the inserted blocks, :func:`midus.new_parameter_names`) or "all";
   "auto" picks the method's default from ``model.config.midus_upscale["method"]``: "new" for
-  midus and llama_pro, "all" for dus and solar (and for models not produced by ``upscale``).
+  midus and llama_pro, "all" for dus, solar and lesa (and for models not produced by ``upscale``).
 - Gradient accumulation, gradient clipping, bf16 autocast on GPU, a tqdm bar with loss and
   tokens/s, a JSONL log (one record per optimizer step).
 - Checkpoints (``checkpoint-<step>/``: model.safetensors, optimizer.pt, scheduler.pt, RNG states

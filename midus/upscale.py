@@ -1,4 +1,4 @@
-"""Depth up-scaling of a Hugging Face causal LM: MIDUS, DUS, LLaMA Pro, SOLAR (spec/HML.md 3.2, 3.3).
+"""Depth up-scaling of a Hugging Face causal LM: MIDUS, DUS, LLaMA Pro, SOLAR, LESA (spec/HML.md 3.2, 3.3).
 
 ``upscale`` never modifies its input: it builds a new model from an updated config (every layer
 with its own ``layer_idx``, hence its own KV-cache slot) and copies the base weights into it, so
@@ -15,12 +15,13 @@ from transformers import PreTrainedModel
 
 from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory
 
+from .lesa import check_lesa_options, predict_layers
 from .modeling_midus import MidusConfig, MidusForCausalLM, _check_memory_options, family_classes
 
 __all__ = ["upscale", "placement_indices", "solar_layer_order", "new_parameter_names", "memory_parameter_names",
            "METHODS", "PLACEMENTS", "KEY_VALUE_PARAMETER_NAMES"]
 
-METHODS = ("midus", "dus", "llama_pro", "solar")
+METHODS = ("midus", "dus", "llama_pro", "solar", "lesa")
 PLACEMENTS = ("distributed", "top-heavy", "bottom-heavy")
 # Leaf names of the key/value parameters of the memory layers (spec 3.4: constant LR, no decay).
 KEY_VALUE_PARAMETER_NAMES = {"hml": ("subkeys", "bank", "proj"), "pkm": ("subkeys", "values")}
@@ -236,15 +237,19 @@ def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = Non
         method: "midus" (memory blocks, spec 3.1), "dus" (a full clone of layer i_j after it),
             "llama_pro" (like dus with the clone's o_proj and down_proj zeroed: identity at insertion),
             "solar" (two copies of the stack, the last m layers of the first and the first m of the
-            second dropped, m = (L - K) / 2).
+            second dropped, m = (L - K) / 2), "lesa" (a layer predicted from layers i_j and i_j + 1
+            by LESA's SVD + MLP, arXiv 2502.13794, inserted between them; after the last layer see
+            the ``last`` option; :mod:`midus.lesa`).
         num_blocks: K, 1 <= K <= L (may be omitted when ``placement`` is a list).
         placement: "distributed" (default), "top-heavy", "bottom-heavy" or a list of base-layer
             indices (spec 3.2). Not used by solar (only the default is accepted).
-        **memory_options: method="midus" only: memory ("hml" | "pkm"), out_proj ("none" | "copy"),
+        **memory_options: method="midus": memory ("hml" | "pkm"), out_proj ("none" | "copy"),
             n, k, d_z, tau, query_norm, pkm_heads, pkm_d_k (defaults in ``MEMORY_DEFAULTS``).
+            method="lesa": rank, hidden, epochs, batch_size, lr, norm_weight, seed, last
+            (defaults in ``midus.lesa.LESA_DEFAULTS``; recorded as ``midus_upscale["lesa_options"]``).
 
     Returns:
-        midus: a :class:`MidusForCausalLM` (``model_type="midus"``); dus/llama_pro/solar: a model of
+        midus: a :class:`MidusForCausalLM` (``model_type="midus"``); dus/llama_pro/solar/lesa: a model of
         the base class. In both, ``config.midus_upscale`` records method, num_blocks, placement,
         base_layers (i_j), inserted_positions (indices of the new blocks in the new stack),
         layer_order (base layer of each new position) and base_num_layers; it is saved with the model.
@@ -255,18 +260,22 @@ def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = Non
     Raises:
         ValueError: unknown ``method`` or ``placement``; ``num_blocks`` outside [1, L]; solar with
             L - K odd; explicit indices out of range or repeated; unsupported model family (the
-            message lists the supported ones); bad memory option values.
-        TypeError: memory options given for a method other than midus, or unknown option names.
+            message lists the supported ones); bad memory / lesa option values; lesa with L < 3.
+        TypeError: options given for a method other than midus / lesa, or unknown option names.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     model_type = _family_of(model)
-    if method != "midus" and memory_options:
+    if method not in ("midus", "lesa") and memory_options:
         raise TypeError(f"memory options {sorted(memory_options)} apply to method='midus' only, got method={method!r}")
     opts = _check_memory_options(memory_options) if method == "midus" else None
+    lesa_opts = check_lesa_options(memory_options) if method == "lesa" else None
     L = model.config.num_hidden_layers
     if len(model.model.layers) != L:
         raise ValueError(f"model.config.num_hidden_layers={L} but the model has {len(model.model.layers)} layers")
+    if method == "lesa" and L < 3:
+        raise ValueError(f"method='lesa' needs a base model with at least 3 layers (it trains on consecutive "
+                         f"triples), got num_hidden_layers={L}")
 
     sources, inserted, base_layers = _layer_plan(method, L, num_blocks, placement)
     record = {"method": method, "num_blocks": len(inserted),
@@ -274,6 +283,8 @@ def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = Non
               "base_layers": base_layers, "inserted_positions": inserted, "layer_order": sources,
               "base_num_layers": L, "base_model_type": model_type}
 
+    if method == "lesa":
+        record["lesa_options"] = dict(lesa_opts)
     reference = next(model.parameters())
     new_config = copy.deepcopy(model.config)
     _remap_layer_fields(new_config, sources)
@@ -291,6 +302,8 @@ def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = Non
         new_config.midus_upscale = record
         new = _build(type(model), new_config, reference)
         _copy_weights(new, model, sources, set(), {})
+        if method == "lesa":  # the clones of layer i_j are overwritten with the predicted layers
+            _insert_lesa_layers(new, model, inserted, base_layers, lesa_opts)
         if method == "llama_pro":
             for p in inserted:
                 layer = new.model.layers[p]
@@ -303,6 +316,16 @@ def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = Non
     new.generation_config = copy.deepcopy(model.generation_config)
     new.train(model.training)
     return new
+
+
+@torch.no_grad()
+def _insert_lesa_layers(new, base, inserted: List[int], base_layers: List[int], opts: Dict[str, Any]) -> None:
+    """Copy the LESA predictions for the layers after base layers ``base_layers`` into positions ``inserted``."""
+    layers = [dict(layer.named_parameters()) for layer in base.model.layers]
+    for pos, params in zip(inserted, predict_layers(layers, base_layers, **opts)):
+        target = dict(new.model.layers[pos].named_parameters())
+        for name, value in params.items():
+            target[name].copy_(value)
 
 
 def _record(model) -> dict:
