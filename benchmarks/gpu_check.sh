@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the hive_gather CUDA kernels (issue 4), for the GPU machine (one H200;
+# One-shot GPU check of the CUDA kernels (hive_gather: issue 4; pk_topk: issue 5), for the GPU machine (one H200;
 # torch 2.11+cu130, nvcc 13, compute-sanitizer, 16 cores, no network):
 #
 #     bash benchmarks/gpu_check.sh
@@ -11,14 +11,16 @@
 #              TORCH_CUDA_ARCH_LIST=9.0 unless set: this GPU only, half the nvcc time)    (180 s)
 #   link       copies the installed midus_ops/_C*.so into ./midus_ops (the tests import the
 #              checkout) and asserts that the CUDA kernels are registered                 (30 s)
-#   tests_cuda pytest tests/test_cuda_hive_gather.py                                      (100 s)
+#   tests_cuda pytest tests/test_cuda_hive_gather.py tests/test_cuda_pk_topk.py           (220 s)
 #   tests_ops  pytest tests/test_ops.py tests/test_layers.py -k cuda                      (120 s)
-#   bench      python benchmarks/bench_gpu_hive_gather.py (--no-compile if < 150 s left)  (rest, <= 200 s)
 #   sanitizer  compute-sanitizer --tool memcheck on tests/cuda_sanitizer_smoke.py, with
 #              PYTORCH_NO_CUDA_MEMORY_CACHING=1 ("unavailable" where the runtime refuses it) (90 s)
+#   sanitizer_pk  the same on tests/cuda_sanitizer_smoke_pk_topk.py                       (60 s)
+#   bench      python -m midus.bench blocks models.train ops decode --no-compile --time-budget
+#              (what is left less 15 s for the summary, <= 200 s; skipped under 45 s)
 # Output, in $OUT when set, else benchmarks/results/: gpu_check.log (everything), gpu_check.json
 # (steps, statuses, seconds), gpu_check.md (short tables), pytest_*.xml, and the benchmark's
-# bench_gpu_hive_gather_cuda_<date>.json and bench_gpu_hive_gather.md. Exit status 0 when every
+# bench_<gpu>_<date>.json, .md and .png plots. Exit status 0 when every
 # step that ran passed (the sanitizer may be "unavailable"), 1 otherwise.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -58,7 +60,7 @@ run_step() {
     secs=$(($(date +%s) - start))
     if ((rc == 0)); then status=passed; elif ((rc == 124 || rc == 137)); then status=timeout; else status=failed; fi
   fi
-  if [[ $name == sanitizer && $status == failed ]] && tail -n 200 "$LOG" | grep -qiE "device not supported|error 999|unable to .*(initialize|attach)"; then
+  if [[ $name == sanitizer* && $status == failed ]] && tail -n 200 "$LOG" | grep -qiE "device not supported|error 999|unable to .*(initialize|attach)"; then
     status=unavailable
   fi
   [[ $status == failed || $status == timeout ]] && FAILED=1
@@ -78,7 +80,8 @@ link_extension() {
   echo "installed: $so"
   [[ $so -ef $ROOT/midus_ops/$(basename "$so") ]] || cp -f "$so" "$ROOT/midus_ops/" || return 1
   PYTHONPATH=$ROOT "$PY" -c 'import torch, midus_ops
-ok = all(midus_ops.has_kernel(op, torch.device("cuda")) for op in ("hive_gather", "hive_gather_backward"))
+ok = all(midus_ops.has_kernel(op, torch.device("cuda"))
+         for op in ("hive_gather", "hive_gather_backward", "pk_topk", "pk_topk_backward"))
 print("CUDA kernels registered:", ok, midus_ops.EXTENSION_ERROR or "")
 raise SystemExit(0 if ok else 1)'
 }
@@ -96,16 +99,29 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfE)
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST+=(--timeout=120); fi
 if [[ ${STATUS_link:-} == passed ]]; then
   export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-  run_step tests_cuda 100 "${PYTEST[@]}" tests/test_cuda_hive_gather.py --junitxml="$OUT_DIR/pytest_cuda_hive_gather.xml"
+  run_step tests_cuda 220 "${PYTEST[@]}" tests/test_cuda_hive_gather.py tests/test_cuda_pk_topk.py \
+    --junitxml="$OUT_DIR/pytest_cuda_kernels.xml"
   run_step tests_ops 120 "${PYTEST[@]}" tests/test_ops.py tests/test_layers.py -k cuda --junitxml="$OUT_DIR/pytest_ops_layers_cuda.xml"
-  BENCH_ARGS=()
-  (($(left_s) < 150)) && BENCH_ARGS+=(--no-compile)
-  run_step bench 200 "$PY" benchmarks/bench_gpu_hive_gather.py "${BENCH_ARGS[@]}"
   if command -v compute-sanitizer >/dev/null; then
     run_step sanitizer 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
       "$PY" tests/cuda_sanitizer_smoke.py
+    run_step sanitizer_pk 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
+      "$PY" tests/cuda_sanitizer_smoke_pk_topk.py
   else
-    STEPS+=("sanitizer|unavailable|-1|0")
+    STEPS+=("sanitizer|unavailable|-1|0" "sanitizer_pk|unavailable|-1|0")
+  fi
+  # Correctness first (above); the benchmark suite (midus bench) gets what the budget leaves, less
+  # 15 s for the summary, at most 200 s: blocks, the models' training step (the two targets of
+  # issue 6), ops and decode at the spec's shapes, in that order, no torch.compile, CUDA events
+  # over 20 runs; cases that would start after its --time-budget are recorded as skipped. The
+  # whole GPU suite (about 6 minutes) is benchmarks/gpu_suite.sh.
+  BENCH_S=$(($(left_s) - 15))
+  ((BENCH_S > 200)) && BENCH_S=200
+  if ((BENCH_S >= 45)); then
+    run_step bench "$BENCH_S" "$PY" -m midus.bench blocks models.train ops decode --device cuda --no-compile \
+      --time-budget $((BENCH_S - 30)) --out "$OUT_DIR" --plot
+  else
+    STEPS+=("bench|skipped|-1|0")
   fi
 fi
 
@@ -118,7 +134,7 @@ rows = [dict(zip(["step", "status", "rc", "seconds"], s.split("|"))) for s in st
 log = open(os.path.join(out_dir, "gpu_check.log"), errors="replace").read()
 pytest_lines = re.findall(r"^=*\s*(\d+ (?:passed|failed|errors?|skipped|deselected)[^\n]*?)\s*=*$", log, re.M)
 device = (re.findall(r"^DEVICE_NAME=(.*)$", log, re.M) or ["?"])[0].strip()
-bench = sorted(glob.glob(os.path.join(out_dir, "bench_gpu_hive_gather_cuda_*.json")))
+bench = sorted(p for p in glob.glob(os.path.join(out_dir, "bench_*.json")) if "_quick_" not in p)
 summary = {"total_seconds": total, "ok": not failed, "device": device, "steps": rows,
            "pytest": pytest_lines, "bench_json": os.path.basename(bench[-1]) if bench else None}
 with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
@@ -127,8 +143,8 @@ md = [f"# gpu_check: {'OK' if not failed else 'FAILED'} on {device} in {total} s
       "| step | status | seconds |", "|---|---|---|"]
 md += [f"| {r['step']} | {r['status']} | {r['seconds']} |" for r in rows]
 md += ["", "pytest: " + ("; ".join(pytest_lines) if pytest_lines else "(no summary line)"), ""]
-bench_md = os.path.join(out_dir, "bench_gpu_hive_gather.md")
-if os.path.exists(bench_md):
+bench_md = os.path.splitext(bench[-1])[0] + ".md" if bench else ""
+if bench_md and os.path.exists(bench_md):
     md += [open(bench_md).read()]
 with open(os.path.join(out_dir, "gpu_check.md"), "w") as f:
     f.write("\n".join(md) + "\n")

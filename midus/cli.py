@@ -5,6 +5,7 @@
     midus eval    --model default --model smol-midus-cpt --data wiki
     midus eval    --model default --tasks arc_easy,piqa --limit 50   # + zero-shot accuracy (lm-eval)
     midus run                       # all three with defaults, prints a table (2-core CPU: <= 10 min)
+    midus bench ops blocks          # the benchmark suite (or a part), baselines side by side
     midus compare                   # every up-scaling method, same CPT budget: table + plot (~45 min CPU)
     torchrun --nproc_per_node 2 -m midus train ...   # DDP (gloo on CPU, NCCL on GPU)
 
@@ -556,6 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands whose flags and body live in their own module: (name, module, help, description).
 _MODULE_COMMANDS = [
+    ("bench", "midus.bench.cli", "benchmark suite: ops, layers, blocks, models, decode, scaling, with baselines",
+     "Time (CUDA events on a GPU, wall time on a CPU) and peak memory of each subject beside its "
+     "baselines in the same run; results to benchmarks/results-style JSON + Markdown (one file per "
+     "device and date), tables printed, plots with --plot. --quick: tiny sizes (CI)."),
     ("compare", "midus.compare", "compare up-scaling methods under the same CPT budget (paper section 4, small scale)",
      "Up-scale the model with each method (same K), give each the same continued pre-training, and "
      "tabulate parameters added, training s/step, peak memory, validation perplexity and zero-shot "

@@ -1,0 +1,14 @@
+"""The "blocks" subject of the midus benchmark suite (midus/bench/blocks.py), results in benchmarks/results/.
+
+    python benchmarks/bench_blocks.py [CASE ...] [--quick] [--device cuda] [--reps N] [--plot]
+
+The same as `midus bench blocks`; `--help` lists the options, `--list` the cases.
+"""
+import sys
+
+from _entry import RESULTS
+
+from midus.bench.cli import main_subject
+
+if __name__ == "__main__":
+    sys.exit(main_subject("blocks", out=RESULTS))

@@ -1,0 +1,14 @@
+"""The "models" subject of the midus benchmark suite (midus/bench/models.py), results in benchmarks/results/.
+
+    python benchmarks/bench_models.py [CASE ...] [--quick] [--device cuda] [--reps N] [--plot]
+
+The same as `midus bench models`; `--help` lists the options, `--list` the cases.
+"""
+import sys
+
+from _entry import RESULTS
+
+from midus.bench.cli import main_subject
+
+if __name__ == "__main__":
+    sys.exit(main_subject("models", out=RESULTS))

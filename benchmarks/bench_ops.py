@@ -1,0 +1,14 @@
+"""The "ops" subject of the midus benchmark suite (midus/bench/ops.py), results in benchmarks/results/.
+
+    python benchmarks/bench_ops.py [CASE ...] [--quick] [--device cuda] [--reps N] [--plot]
+
+The same as `midus bench ops`; `--help` lists the options, `--list` the cases.
+"""
+import sys
+
+from _entry import RESULTS
+
+from midus.bench.cli import main_subject
+
+if __name__ == "__main__":
+    sys.exit(main_subject("ops", out=RESULTS))

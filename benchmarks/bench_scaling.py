@@ -1,0 +1,14 @@
+"""The "scaling" subject of the midus benchmark suite (midus/bench/scaling.py), results in benchmarks/results/.
+
+    python benchmarks/bench_scaling.py [CASE ...] [--quick] [--device cuda] [--reps N] [--plot]
+
+The same as `midus bench scaling`; `--help` lists the options, `--list` the cases.
+"""
+import sys
+
+from _entry import RESULTS
+
+from midus.bench.cli import main_subject
+
+if __name__ == "__main__":
+    sys.exit(main_subject("scaling", out=RESULTS))

@@ -1,0 +1,225 @@
+"""The benchmark suite's own code (midus.bench, benchmarks/), on CPU at tiny sizes.
+
+Every subject runs (--quick) and writes a well-formed results file; the plot script makes PNGs
+from it; parts, budget, errors and the results file's merging behave. No timing assertions: speed
+is what the suite reports, not what the tests check.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from midus.bench import SUBJECTS, add_arguments, core, run
+from midus.bench.cli import parse_parts
+from midus.bench.plot import plot_results
+from midus.bench.report import all_records, check_targets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED = ("subject", "case", "impl", "mode", "baseline", "dtype", "shape", "device", "torch", "cuda", "git_commit")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    try:
+        status = run(parse(["--quick", "--device", "cpu", "--out", str(out), "--quiet"]))
+    finally:
+        torch.set_num_threads(threads)
+    files = [f for f in os.listdir(out) if f.endswith(".json")]
+    assert len(files) == 1, files
+    return status, os.path.join(out, files[0])
+
+
+def test_every_subject_runs_and_writes_a_well_formed_file(quick_results):
+    status, path = quick_results
+    assert status == 0
+    assert os.path.basename(path).startswith("bench_quick_cpu_")
+    data = core.load_results(path)
+    assert set(data["subjects"]) == set(SUBJECTS)
+    for subject, sec in data["subjects"].items():
+        assert sec["complete"], subject
+        assert sec["env"]["torch"] == torch.__version__ and "git_commit" in sec["env"]
+        recs = sec["records"]
+        assert recs, subject
+        for r in recs:
+            missing = [k for k in REQUIRED if k not in r]
+            assert not missing, (subject, r.get("impl"), missing)
+            assert r["subject"] == subject
+            if "time_ms" in r:
+                t = r["time_ms"]
+                assert 0 <= t["min"] <= t["median"] <= t["max"] and t["reps"] >= 1
+                assert r["peak_mib"] >= 0 and r["memory_method"].startswith(("VmHWM", "ru_maxrss"))
+        # every subject measured its midus implementation(s) and its baseline without error
+        timed = {(r["case"], r["impl"], r["mode"]) for r in recs if "time_ms" in r}
+        assert {r["baseline"] for r in recs} <= {i for _, i, _ in timed}, subject
+        errors = [(r["case"], r["impl"], r["error"]) for r in recs if "error" in r]
+        assert not errors, errors
+
+
+def test_ratios_come_from_the_same_run(quick_results):
+    _, path = quick_results
+    recs = all_records(core.load_results(path))
+    checked = 0
+    for r in recs:
+        if "time_ms" not in r:
+            continue
+        b = next(x for x in recs if (x["subject"], x["case"], x["impl"], x["mode"]) ==
+                 (r["subject"], r["case"], r["baseline"], r["mode"]))
+        assert r["speedup"] == pytest.approx(b["time_ms"]["median"] / r["time_ms"]["median"])
+        twin = next((x for x in recs if (x["subject"], x["case"], x["impl"], x["mode"]) ==
+                     (r["subject"], r["case"], r["impl"] + "[eager]", r["mode"])), None)
+        if twin is not None:
+            assert r["speedup_vs_eager"] == pytest.approx(twin["time_ms"]["median"] / r["time_ms"]["median"])
+            checked += 1
+    assert checked >= 5  # layers, blocks, models, decode have [eager] twins
+
+
+def test_subject_contents(quick_results):
+    _, path = quick_results
+    recs = all_records(core.load_results(path))
+    got = {(r["subject"], r["case"], r["impl"], r["mode"]) for r in recs}
+    for case in ("pk_topk", "hive_gather_proj", "hive_gather_noproj", "hml"):
+        for impl in ("midus_ops", "eager", "reference"):
+            assert ("ops", case, impl, "fwd_bwd") in got
+    assert ("ops", "hive_gather_proj", "F.embedding_bag", "fwd") in got
+    for impl in ("base", "dus", "midus", "midus[eager]", "llama_pro"):
+        assert ("models", "train", impl, "train_step") in got
+        assert ("models", "generate", impl, "generate_b1") in got
+    models = {r["impl"]: r for r in recs if r["subject"] == "models" and r["mode"] == "train_step"}
+    assert models["dus"]["params"] > models["midus"]["params"] > models["base"]["params"]
+    assert models["midus"]["tokens_per_s"] > 0
+    assert {r["case"] for r in recs if r["subject"] == "decode"} == {"N=1", "N=8", "N=64"}
+    sweeps = {r["sweep"] for r in recs if r["subject"] == "scaling"}
+    assert sweeps == {"N", "n", "k", "d_z"}
+    noproj = [r for r in recs if r["case"] == "hive_gather_noproj" and r["mode"] == "fwd" and "time_ms" in r]
+    assert all(r["copy_gbps"] > 0 and r["gathered_gbps"] > 0 for r in noproj)
+    # GPU targets are reported on CPU, as informative only
+    targets = check_targets(recs, "cpu", "quick")
+    assert targets and not any(t["applies"] for t in targets)
+
+
+def test_plot_script_makes_pngs(quick_results, tmp_path):
+    _, path = quick_results
+    pngs = plot_results(path, str(tmp_path))
+    names = {os.path.basename(p).rsplit("_", 1)[1] for p in pngs}
+    assert names == {"speedup.png", "baseline.png", "memory.png", "scaling.png"}
+    for p in pngs:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(p) > 5000
+    # the same through benchmarks/plot.py (what the README tells users to run)
+    out = tmp_path / "script"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plot.py"), path, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(out.glob("*.png"))) == 4
+
+
+def test_markdown_tables_written(quick_results):
+    _, path = quick_results
+    md = open(os.path.splitext(path)[0] + ".md").read()
+    assert "## Key figures" in md and "## All measurements" in md and "| ops | hml | midus_ops |" in md
+
+
+def test_parts_and_bad_input():
+    assert list(parse_parts([])) == list(SUBJECTS)
+    assert parse_parts(["models.train", "ops.hml", "ops.pk_topk"]) == {"models": ["train"], "ops": ["hml", "pk_topk"]}
+    assert parse_parts(["ops.hml", "ops"]) == {"ops": None}
+    assert parse_parts(["scaling.n"]) == {"scaling": ["n"]}
+    with pytest.raises(ValueError, match="PART 'opz'"):
+        parse_parts(["opz"])
+    with pytest.raises(ValueError, match="unknown case 'nope' of ops"):
+        parse_parts(["ops.nope"])
+    with pytest.raises(ValueError, match="--reps"):
+        run(parse(["ops", "--quick", "--reps", "0"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda"):
+            run(parse(["ops", "--device", "cuda"]))
+
+
+def test_named_case_rerun_keeps_the_others(tmp_path):
+    argv = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--quiet"]
+    assert run(parse(["decode"] + argv)) == 0
+    path = next(tmp_path.glob("*.json"))
+    first = core.load_results(str(path))["subjects"]["decode"]["records"]
+    assert run(parse(["decode.N=8", "layers"] + argv)) == 0
+    data = core.load_results(str(path))
+    assert set(data["subjects"]) == {"decode", "layers"}
+    again = data["subjects"]["decode"]["records"]
+    assert sorted(r["case"] for r in again) == sorted(r["case"] for r in first)
+    # N=8 was measured again, N=1 and N=64 kept from the first run
+    keep = [r for r in first if r["case"] != "N=8"]
+    assert all(r in again for r in keep)
+    assert not any(r in again for r in first if r["case"] == "N=8" and "time_ms" in r)
+
+
+def test_failures_and_budget_are_recorded_not_raised(tmp_path):
+    ctx = core.Context("cpu", "quick", reps=2, warmup=1, verbose=False)
+
+    def boom():
+        raise RuntimeError("out of memory (simulated)")
+
+    x = torch.randn(8)
+    recs = ctx.run_case("t", "c", {"ok": core.Impl(modes={"fwd": lambda: x * 2}), "bad": core.Impl(modes={"fwd": boom}),
+                                   "unbuilt": core.Impl(setup_error="no kernel")},
+                        baseline="ok", shape={"n": 8}, modes=["fwd"])
+    by = {r["impl"]: r for r in recs}
+    assert "time_ms" in by["ok"] and by["ok"]["speedup"] == 1.0
+    assert "simulated" in by["bad"]["error"] and "time_ms" not in by["bad"]
+    assert by["unbuilt"]["error"] == "no kernel"
+    ctx.budget = core.Budget(1e-9)
+    recs = ctx.run_case("t", "late", {"ok": core.Impl(modes={"fwd": lambda: x * 2})}, baseline="ok", shape={},
+                        modes=["fwd"])
+    assert recs[0]["skipped"] == "time budget exhausted"
+
+
+def test_cpu_peak_memory_sees_torch_allocations():
+    n = 64 * 2 ** 20 // 4  # 64 MiB of float32, written (pages touched)
+    m = core.peak_memory(lambda: torch.ones(n), "cpu")
+    assert 48 <= m["peak_extra_mib"] <= 200, m
+    small = core.peak_memory(lambda: torch.ones(16), "cpu")
+    assert small["peak_extra_mib"] < 16, small
+
+
+def test_eager_ops_twin_restores_the_layers_ops():
+    import midus_ops
+    import midus_ops.layers as layers
+    from midus.bench.baselines import eager_ops, hml_eager, HML_IMPLS, pk_topk_eager
+
+    before = layers.pk_topk, layers.hive_gather
+    with eager_ops():
+        assert layers.pk_topk is pk_topk_eager
+    assert (layers.pk_topk, layers.hive_gather) == before == (midus_ops.pk_topk, midus_ops.hive_gather)
+    # the eager baseline computes the same op (no ties in random fp32 scores)
+    g = torch.Generator().manual_seed(1)
+    q, sk = torch.randn(16, 2, 8, generator=g), torch.randn(2, 2, 6, 4, generator=g)
+    bank, proj = torch.randn(36, 12, generator=g), torch.randn(2, 12, 8, generator=g)
+    torch.testing.assert_close(hml_eager(q, sk, 3, bank, proj), HML_IMPLS["reference"](q, sk, 3, bank, proj))
+
+
+@pytest.mark.compile
+def test_compile_baseline_and_subject_script(tmp_path):
+    """The torch.compile baseline runs (ops.pk_topk, --compile), through benchmarks/bench_ops.py."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_ops.py"), "pk_topk", "--quick",
+                           "--compile", "--out", str(tmp_path), "--quiet"], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = all_records(json.loads(next(tmp_path.glob("*.json")).read_text()))
+    comp = [r for r in recs if r["impl"] == "compile(eager)"]
+    assert {r["mode"] for r in comp} == {"fwd", "fwd_bwd"} and all("time_ms" in r for r in comp), comp
+
+
+def test_gpu_scripts_parse():
+    for script in ("gpu_check.sh", "gpu_suite.sh"):
+        subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)], check=True)
