@@ -5,6 +5,7 @@
     midus eval    --model default --model smol-midus-cpt --data wiki
     midus eval    --model default --tasks arc_easy,piqa --limit 50   # + zero-shot accuracy (lm-eval)
     midus run                       # all three with defaults, prints a table (2-core CPU: <= 10 min)
+    midus analyze --model smol-midus-cpt   # head importance, fixed retrieval, memory usage (spec 3.5)
     midus bench ops blocks          # the benchmark suite (or a part), baselines side by side
     midus compare                   # every up-scaling method, same CPT budget: table + plot (~45 min CPU)
     torchrun --nproc_per_node 2 -m midus train ...   # DDP (gloo on CPU, NCCL on GPU)
@@ -557,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands whose flags and body live in their own module: (name, module, help, description).
 _MODULE_COMMANDS = [
+    ("analyze", "midus.analyze", "head importance, fixed retrieval and memory usage of the memory blocks (spec 3.5)",
+     "The paper's analyses of HML on an up-scaled model: loss increase when one head's memory read-out "
+     "is zeroed (per block and head), loss with retrieval replaced by fixed or random slots, and slot "
+     "usage statistics; each writes a JSON file and a figure to --output."),
     ("bench", "midus.bench.cli", "benchmark suite: ops, layers, blocks, models, decode, scaling, with baselines",
      "Time (CUDA events on a GPU, wall time on a CPU) and peak memory of each subject beside its "
      "baselines in the same run; results to benchmarks/results-style JSON + Markdown (one file per "
