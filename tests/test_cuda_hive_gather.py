@@ -159,6 +159,46 @@ def test_cuda_misaligned_bank_uses_scalar_path(dtype):
     check_all(w, idx, bank, None, dtype)
 
 
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=DT_ID.get)
+def test_cuda_infinite_bank_entry_gives_inf_not_nan(dtype):
+    """One bank element is +inf and the weights are positive: every output that reads that row
+    is +-inf (the sign of proj[h, 3, v]), as in the reference, and every other output is finite.
+    The bf16 tensor-core forward splits u into hi + lo bf16 terms: lo must be 0 (not inf - inf =
+    NaN) when hi is infinite. (fp16 is left out: its third product, hi(u) x lo(proj), is inf x 0 =
+    NaN wherever an fp16 proj value is exact in bf16.)"""
+    seed("inf-bank", dtype)
+    N, H, k, R, d_z, d_v = 70, 2, 4, 16, 32, 16
+    w, idx, bank, proj = rand_inputs(N, H, k, R, d_z, d_v, dtype, I64, requires_grad=False)
+    w = w.abs() + 0.1
+    idx[::3, :, 0] = 5  # a third of the tokens read row 5
+    bank[5, 3] = float("inf")
+    out = midus_ops.hive_gather(w, idx, bank, proj)
+    want = hive_gather_ref(w.double().cpu(), idx.cpu(), bank.double().cpu(), proj.double().cpu())
+    assert bool(torch.isinf(want).any()) and not bool(torch.isnan(want).any()), "test data"
+    got = out.double().cpu()
+    assert torch.equal(torch.isinf(got), torch.isinf(want)), "infinite outputs differ (NaN or finite instead?)"
+    inf = torch.isinf(want)
+    assert torch.equal(got[inf], want[inf]), "signs of the infinite outputs differ"
+    assert_close(got[~inf], want[~inf], dtype, "finite outputs")
+
+
+def test_cuda_direct_backward_misaligned_grad_out():
+    """A contiguous grad_out whose data pointer is not 16-byte aligned (storage offset 1), given to
+    the backward op directly: the vectorised grad_weights kernel must fall back to scalar loads."""
+    seed("misaligned-grad-out")
+    for dtype, d_z in ((BF16, 64), (F32, 16)):
+        N, H, k, R = 30, 2, 6, 40
+        w, idx, bank, _ = rand_inputs(N, H, k, R, d_z, None, dtype, I64, requires_grad=False)
+        flat = torch.empty(N * H * d_z + 1, dtype=dtype, device="cuda")
+        g = flat[1:].view(N, H, d_z)
+        g.copy_(torch.randn(N, H, d_z, device="cuda"))
+        assert g.is_contiguous() and g.data_ptr() % 16 != 0
+        gw, gb, _ = torch.ops.midus_ops.hive_gather_backward(g, w, idx, bank, None, False, True, True, False)
+        _, (want_w, want_b) = expected(w, idx, bank, None, g)
+        assert_close(gw, want_w, dtype, f"grad weights {DT_ID[dtype]}")
+        assert_close(gb, want_b, dtype, f"grad bank {DT_ID[dtype]}")
+
+
 def test_cuda_fp16_read_beyond_fp16_range():
     """fp16 inputs whose read u (about 1e6) overflows fp16 while the projected output fits: the
     tensor-core forward keeps u in fp32/bf16 terms, never in fp16."""

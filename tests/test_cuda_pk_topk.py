@@ -147,6 +147,7 @@ SHAPES = {
     "k64": (9, 2, 8, 64, 64),               # k = n = 64
     "n1024_k64": (9, 2, 16, 1024, 64),      # the limits asked for; 72 KiB of fp32 sub-keys: staged in chunks
     "n1024_chunked": (21, 3, 128, 1024, 16),  # 1024 x 65 x 2 x 4 B = 520 KiB of sub-keys: chunks
+    "chunked_rounds": (9000, 1, 128, 1024, 16),  # chunks restaged over 2 rounds of W tokens per block
     "n4096_d2": (11, 1, 2, 4096, 8),        # score rows of 32 KiB per warp: fewer warps per block
     "odd_half": (30, 3, 6, 24, 9),          # half = 3
     "d_k2": (40, 2, 2, 9, 4),

@@ -158,9 +158,12 @@ __device__ __forceinline__ void stage_tile_rows(int32_t* sR, float* sW, const in
 }
 
 // x = hi + lo with hi = bf16(x) and lo = bf16(x - hi): two bf16 terms, ~2^-17 relative error.
+// A non-finite hi (x = +-inf or NaN) gets lo = 0: x - hi would be NaN there, and the lo product
+// would turn an infinite result (what the reference gives) into NaN.
 __device__ __forceinline__ void split_bf16(float x, uint16_t& hi, uint16_t& lo) {
   hi = bf16_bits(x);
-  lo = bf16_bits(x - bf16_value(hi));
+  const float h = bf16_value(hi);
+  lo = bf16_bits(isfinite(h) ? x - h : 0.f);
 }
 
 // 8 consecutive 16-bit elements (one 16-byte load) to fp32.
