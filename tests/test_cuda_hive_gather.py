@@ -20,37 +20,18 @@ import os
 import subprocess
 import sys
 import textwrap
-import zlib
 
 import pytest
 import torch
 
 import midus_ops
+from op_testing import BF16, DT_ID, F16, F32, F64, I32, I64, assert_close, seed
 from midus_ops.reference import hive_gather_ref
 
 CUDA_OK = torch.cuda.is_available() and midus_ops.has_kernel("hive_gather", torch.device("cuda")) \
     and midus_ops.has_kernel("hive_gather_backward", torch.device("cuda"))
 pytestmark = pytest.mark.skipif(
     not CUDA_OK, reason=f"needs a GPU and the compiled CUDA kernels (extension: {midus_ops.EXTENSION_ERROR or 'ok'})")
-
-F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
-I32, I64 = torch.int32, torch.int64
-DT_ID = {F64: "fp64", F32: "fp32", BF16: "bf16", F16: "fp16", I32: "i32", I64: "i64"}
-# Same tolerances as tests/test_ops.py (2 ulps of the output dtype; atol relative to the scale).
-RTOL = {F64: 1e-12, F32: 2e-5, BF16: 2.0 ** -6, F16: 2.0 ** -9}
-ATOL = {F64: 1e-12, F32: 1e-5, BF16: 1e-5, F16: 1e-5}
-
-
-def seed(*parts) -> None:
-    torch.manual_seed(zlib.crc32(repr(parts).encode()))
-
-
-def assert_close(got, want, dtype, what="", factor=1.0):
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert bool(torch.isfinite(got).all()), f"{what}: non-finite values (unwritten element?)"
-    scale = want.abs().max().item() if want.numel() else 1.0
-    torch.testing.assert_close(got.detach().double().cpu(), want.detach().double().cpu(), rtol=factor * RTOL[dtype],
-                               atol=factor * ATOL[dtype] * max(scale, 1e-30), msg=lambda m: f"{what}: {m}")
 
 
 def rand_inputs(N, H, k, R, d_z, d_v, dtype, idx_dtype, requires_grad=True, idx=None):

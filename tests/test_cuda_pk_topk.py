@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import copy
 import math
-import zlib
 
 import pytest
 import torch
 
 import midus_ops
+from op_testing import BF16, DT_ID, F16, F32, F64, assert_close, rounding_tie_inputs, seed
 from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory
 from midus_ops.reference import pk_topk_ref
 
@@ -33,24 +33,6 @@ needs_cuda = pytest.mark.skipif(
     not CUDA_OK, reason=f"needs a GPU and the compiled CUDA kernels (extension: {midus_ops.EXTENSION_ERROR or 'ok'})")
 CPU_KERNEL = midus_ops.has_kernel("pk_topk", torch.device("cpu"))
 DEV = ["cpu", pytest.param("cuda", marks=needs_cuda)]
-
-F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
-DT_ID = {F64: "fp64", F32: "fp32", BF16: "bf16", F16: "fp16"}
-# As tests/test_ops.py: 2 ulps of the output dtype; atol relative to the largest expected value.
-RTOL = {F64: 1e-12, F32: 2e-5, BF16: 2.0 ** -6, F16: 2.0 ** -9}
-ATOL = {F64: 1e-12, F32: 1e-5, BF16: 1e-5, F16: 1e-5}
-
-
-def seed(*parts) -> None:
-    torch.manual_seed(zlib.crc32(repr(parts).encode()))
-
-
-def assert_close(got, want, dtype, what="", factor=1.0):
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert bool(torch.isfinite(got).all()), f"{what}: non-finite values (unwritten element?)"
-    scale = want.abs().max().item() if want.numel() else 1.0
-    torch.testing.assert_close(got.detach().double().cpu(), want.detach().double().cpu(), rtol=factor * RTOL[dtype],
-                               atol=factor * ATOL[dtype] * max(scale, 1e-30), msg=lambda m: f"{what}: {m}")
 
 
 def rand_pk(N, H, d_k, n, dtype, device, requires_grad=False):
@@ -280,13 +262,7 @@ def test_rounding_ties_same_slots(n, k, dtype, device):
     second-half scores where one ulp is 2, so sums collide), including pairs a pruned selection
     skips: the indices must equal the reference's (and the CPU kernel's) exactly."""
     seed("round-ties", n, k, dtype)
-    N, H = 21, 3
-    big, small = (2.0 ** 24, 2.0 ** -20) if dtype == F32 else (2.0 ** 53, 2.0 ** -49)
-    q = torch.stack([torch.tensor([1.0, 2.0, 4.0], dtype=dtype)[torch.randint(0, 3, (N, H))],
-                     torch.ones(N, H, dtype=dtype)], dim=-1)
-    k1 = 1 + torch.randint(0, max(16, n // 2), (H, n, 1)).to(dtype) * small
-    k2 = big + 2 * torch.randint(0, max(8, n // 8), (H, n, 1)).to(dtype)
-    sk = torch.stack([k1, k2], dim=1)
+    q, sk = rounding_tie_inputs(n, dtype)
     scores, idx = midus_ops.pk_topk(q.to(device), sk.to(device), k)
     want_scores, want_idx = pk_topk_ref(q, sk, k)
     assert torch.equal(scores.cpu(), want_scores)

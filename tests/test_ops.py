@@ -16,54 +16,21 @@ hand-made tie-rule cases, whose expected values are derived by hand in the comme
 from __future__ import annotations
 
 import math
-import zlib
 
 import pytest
 import torch
 
 import midus_ops
 from midus_ops.reference import hive_gather_ref, pk_topk_ref
+from op_testing import (ATOL, BF16, DT_ID, F16, F32, F64, RTOL, assert_close, rounding_tie_inputs,  # noqa: F401
+                        seed)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 HAS_EXT = midus_ops.EXTENSION_AVAILABLE
 requires_ext = pytest.mark.skipif(
     not HAS_EXT, reason=f"the compiled extension midus_ops._C is unavailable: {midus_ops.EXTENSION_ERROR}")
 
-F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 ALL_DTYPES = [F32, F64, BF16, F16]
-DT_ID = {F64: "fp64", F32: "fp32", BF16: "bf16", F16: "fp16", torch.int32: "i32", torch.int64: "i64"}
-
-# Tolerances. The kernels and the reference both accumulate in fp32 (fp64 for fp64 inputs) and
-# round once to the output dtype, so an output differs from the exact (fp64) value by at most half
-# an ulp of its dtype plus the fp32 accumulation error, and two such results (kernel vs reference,
-# summing in different orders) can straddle one rounding boundary: 1 ulp apart.
-# * rtol = 2 ulps of the output dtype: bf16 has 8 significant bits (ulp <= 2^-7 relative), fp16 11
-#   (ulp <= 2^-10); fp32 results are sums of <= ~100 terms, whose reordering error is a few
-#   hundred 2^-24 at most, so 2e-5; fp64 likewise 1e-12.
-# * atol = ATOL x (largest |expected| element): covers outputs that are small because of
-#   cancellation, where the fp32 accumulation error (relative to the terms, not to the result)
-#   dominates; 1e-5 bounds ~100-term fp32 sums for every dtype accumulated in fp32.
-# A wrong row, a wrong weight, a missed term or an unwritten element is off by O(1) relative to
-# the scale, far outside these bounds.
-RTOL = {F64: 1e-12, F32: 2e-5, BF16: 2.0 ** -6, F16: 2.0 ** -9}
-ATOL = {F64: 1e-12, F32: 1e-5, BF16: 1e-5, F16: 1e-5}
-
-
-def seed(*parts) -> int:
-    """Seed torch from the test's parameters: fresh data per case, identical run to run (zlib's
-    crc32 is stable across processes, unlike ``hash``)."""
-    s = zlib.crc32(repr(parts).encode())
-    torch.manual_seed(s)
-    return s
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    """``got`` (any float dtype) against ``want`` (usually exact fp64) with the tolerances of
-    ``dtype`` above; atol scales with the largest expected magnitude."""
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    scale = want.abs().max().item() if want.numel() else 1.0
-    torch.testing.assert_close(got.detach().double().cpu(), want.detach().double().cpu(), rtol=RTOL[dtype],
-                               atol=ATOL[dtype] * max(scale, 1e-30), msg=lambda m: f"{what}: {m}")
 
 
 def need_kernel(op: str, device: str) -> None:
@@ -246,24 +213,12 @@ def test_pk_topk_tie_rule_when_candidate_sums_round_equal(dtype, device):
 @pytest.mark.parametrize("dtype", [F32, F64], ids=DT_ID.get)
 @pytest.mark.parametrize("n,k", [(20, 3), (20, 16), (48, 40), (300, 7)])
 def test_pk_topk_rounding_ties_stress(n, k, dtype, device):
-    """Many ties created by rounding, against the reference's indices exactly.
-
-    d_k = 2, so s1 = K1 * q1 and s2 = K2 * q2 are single products, exact in fp32/fp64. K1 = 1 +
-    m * 2^-20 (fp32; 2^-49 in fp64; m in 0..max(15, n/2 - 1)) times q1 in {1, 2, 4}: small and
-    mostly distinct; K2 = 2^24 + 2r (fp32; 2^53 + 2r in fp64; r in 0..max(7, n/8 - 1)) with
-    q2 = 1: huge, where one ulp is 2. Candidate sums round onto multiples of 2 and collide, so
-    ids decide all the time, including for pairs that a selection pruned by monotonicity
-    ((i+1)(j+1) <= k) would skip: such a selection gets 1/3 to all of these rows wrong (checked
-    by simulating it on the same data). The kernel and the reference do the same IEEE additions,
-    so the indices must match exactly."""
+    """Many ties created by rounding (op_testing.rounding_tie_inputs), against the reference's
+    indices exactly: such a pruned selection gets 1/3 to all of these rows wrong (checked by
+    simulating it on the same data). The kernel and the reference do the same IEEE additions, so
+    the indices must match exactly."""
     seed("round-ties", n, k, dtype)
-    N, H = 21, 3
-    big, small = (2.0 ** 24, 2.0 ** -20) if dtype == F32 else (2.0 ** 53, 2.0 ** -49)
-    q = torch.stack([torch.tensor([1.0, 2.0, 4.0], dtype=dtype)[torch.randint(0, 3, (N, H))],
-                     torch.ones(N, H, dtype=dtype)], dim=-1)
-    k1 = 1 + torch.randint(0, max(16, n // 2), (H, n, 1)).to(dtype) * small
-    k2 = big + 2 * torch.randint(0, max(8, n // 8), (H, n, 1)).to(dtype)
-    subkeys = torch.stack([k1, k2], dim=1)
+    q, subkeys = rounding_tie_inputs(n, dtype)
     scores, idx = midus_ops.pk_topk(q.to(device), subkeys.to(device), k)
     want_scores, want_idx = pk_topk_ref(q, subkeys, k)
     assert torch.equal(scores.cpu(), want_scores)
