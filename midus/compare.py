@@ -267,6 +267,14 @@ def _mean_acc(row: dict) -> Optional[float]:
     return sum(accs) / len(accs) if accs else None
 
 
+def _model_name(model: str) -> str:
+    if model == "default":
+        from .defaults import DEFAULT_MODEL_NAME
+
+        return f"{DEFAULT_MODEL_NAME} (default)"
+    return Path(str(model)).name
+
+
 def _fmt(x, spec: str, none: str = "") -> str:
     return none if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -295,7 +303,7 @@ def markdown_table(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     c, e = report["config"], report["environment"]
     first = next((r for r in rows if "train_tokens" in r), {})
-    lines += ["", f"K = {c['num_blocks']} ({c['placement']}); CPT {c['steps']} steps x {c['batch_size']} x "
+    lines += ["", f"Model {_model_name(c['model'])}, data {c['data']}; K = {c['num_blocks']} ({c['placement']}); CPT {c['steps']} steps x {c['batch_size']} x "
               f"{c['seq_len']} tokens ({first.get('train_tokens', c['steps'] * c['batch_size'] * c['seq_len']):,} "
               f"tokens), peak LR {c['lr']:g}; perplexity on {c['eval_tokens']:,} validation tokens (window "
               f"{c['window']}); " + (("zero-shot: " + (f"first {c['limit']} examples per task" if c['limit'] else
@@ -332,7 +340,7 @@ def plot(report: dict, path: str) -> None:
         if title.startswith("validation") and finite:
             ax.set_xlim(min(finite) * 0.97, max(finite) * 1.02)
     c = report["config"]
-    fig.suptitle(f"midus compare: {Path(str(c['model'])).name}, K={c['num_blocks']}, "
+    fig.suptitle(f"midus compare: {_model_name(c['model'])}, K={c['num_blocks']}, "
                  f"{c['steps']} x {c['batch_size']} x {c['seq_len']} CPT tokens", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
