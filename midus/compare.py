@@ -60,7 +60,7 @@ METHODS: Dict[str, tuple] = {
 # The CPU preset finishes in under an hour on 2 cores (measured: see README); the GPU preset
 # is a larger budget for a real comparison (still far below the paper's 2B tokens).
 PRESETS = {
-    "cpu": dict(steps=30, batch_size=4, seq_len=128, eval_tokens=4096, window=128, limit=40),
+    "cpu": dict(steps=30, batch_size=4, seq_len=128, eval_tokens=4096, window=128, limit=25),
     "gpu": dict(steps=300, batch_size=16, seq_len=512, eval_tokens=65536, window=512, limit=0),
 }
 
