@@ -782,6 +782,12 @@ def run(args) -> int:
                            f"got {getattr(args, name)}")
     if args.tokens < args.window:
         raise CLIError(f"--tokens {args.tokens} is less than one --window of {args.window}")
+    out = Path(args.output).expanduser()
+    for parent in [out] + list(out.parents):  # fail before the work, not when writing its results
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"--output: {parent} exists and is not a folder")
+            break
     device = _device()
     model, tokenizer, path = load_model(args.model, device)
     memory_blocks(model)  # refuse a model without memory blocks before reading data

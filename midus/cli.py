@@ -80,10 +80,28 @@ def load_model(model: str, device=None):
     return net.eval(), tokenizer, path
 
 
+# What save_pretrained (model, tokenizer, generation config, remote code) writes into a model
+# folder: an existing --output holding only these is one this tool may replace.
+_MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                        "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+                        "vocab.json", "vocab.txt", "merges.txt", "chat_template.*", "modeling_*.py",
+                        "configuration_*.py", "*.gguf", "train_log.jsonl")
+
+
+def _is_model_config(path: Path) -> bool:
+    try:
+        return "model_type" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def _check_output(output: str) -> None:
     """An existing --output is replaced whole, so it must be a folder this tool could have written:
-    empty, or a model folder (config.json). Anything else, and the working folder or one of its
-    parents, is refused rather than deleted."""
+    empty, or a model folder (a config.json with a model_type, and nothing but the files
+    save_pretrained writes). Anything else (other files or subfolders, the working folder or one
+    of its parents) is refused rather than deleted."""
+    import fnmatch
+
     path = Path(output).expanduser()
     if path.exists() and not path.is_dir():
         raise CLIError(f"--output: {output} exists and is not a folder")
@@ -92,9 +110,16 @@ def _check_output(output: str) -> None:
         if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
             raise CLIError(f"--output: {output} is the working folder, one of its parents or the home folder; "
                            f"it would be replaced whole: name a new folder")
-        if any(path.iterdir()) and not (path / "config.json").is_file():
-            raise CLIError(f"--output: {output} is a non-empty folder that is not a model folder (no config.json); "
-                           f"it would be replaced whole: name a new or empty folder")
+        entries = list(path.iterdir())
+        if entries and not _is_model_config(path / "config.json"):
+            raise CLIError(f"--output: {output} is a non-empty folder that is not a model folder (no config.json "
+                           f"with a model_type); it would be replaced whole: name a new or empty folder")
+        others = sorted(e.name + ("/" if e.is_dir() else "") for e in entries
+                        if e.is_dir() or not any(fnmatch.fnmatch(e.name, pat) for pat in _MODEL_FILE_PATTERNS))
+        if others:
+            raise CLIError(f"--output: {output} holds files that are not part of a saved model "
+                           f"({', '.join(others[:4])}{', ...' if len(others) > 4 else ''}); it would be replaced whole: "
+                           f"move them, or name a new folder")
 
 
 @contextmanager

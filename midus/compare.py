@@ -96,8 +96,12 @@ class CompareConfig:
         for name in ("num_blocks", "steps", "batch_size", "seq_len", "eval_tokens", "window"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.seq_len < 2 or self.window < 2:
+            raise ValueError(f"seq_len and window must be >= 2, got {self.seq_len} and {self.window}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods: each at most once, got {self.methods}")
+        if not self.lr > 0 or self.warmup < 0:
+            raise ValueError(f"need lr > 0 and warmup >= 0, got lr={self.lr}, warmup={self.warmup}")
         if self.limit < 0:
             raise ValueError(f"limit must be >= 0 (0: whole validation sets), got {self.limit}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -229,8 +233,8 @@ def compare(cfg: CompareConfig, output_dir: Optional[str] = None, in_process: bo
 
     Returns ``{"config": ..., "environment": ..., "rows": [...]}``; each row has ``method``,
     ``label``, ``params``, ``params_added``, ``layers``, ``s_per_step``, ``tokens_per_s``,
-    ``peak_memory_mib``, ``ppl``, ``zero_shot`` ({task: {"acc", "acc_norm", "n", ...}}) and
-    timings, or ``error`` (the last lines of the failing process's stderr).
+    ``peak_memory_mib``, ``trainable``, ``ppl``, ``zero_shot`` ({task: {"acc", "acc_norm", "n", ...}})
+    and timings, or ``error`` (the worker's exception, or its exit status if it died).
     Raises ValueError for bad settings (:class:`CompareConfig`).
     """
     import platform
@@ -283,14 +287,15 @@ def markdown_table(report: dict) -> str:
     """The comparison as a Markdown table (one row per method)."""
     rows = report["rows"]
     tasks = sorted({t for r in rows for t in (r.get("zero_shot") or {})})
-    head = ["method", "params", "added", "s/step", "peak MiB", "val ppl"] + tasks + (["mean acc"] if tasks else [])
+    head = ["method", "params", "added", "trained", "s/step", "peak MiB", "val ppl"] + tasks + (["mean acc"] if tasks else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error'][:120]} |" + " |" * (len(head) - 2))
             continue
         zs = r.get("zero_shot") or {}
-        cells = [r["label"], f"{r['params'] / 1e6:.1f}M", f"{r['params_added'] / 1e6:+.1f}M",
+        trained = {"new": "new blocks", "all": "all"}.get(r.get("trainable"), "-")
+        cells = [r["label"], f"{r['params'] / 1e6:.1f}M", f"{r['params_added'] / 1e6:+.1f}M", trained,
                  _fmt(r.get("s_per_step"), ".2f", "-"), _fmt(r.get("peak_memory_mib"), ".0f", "-"),
                  f"{r['ppl']:.3f}"]
         for t in tasks:
@@ -305,7 +310,8 @@ def markdown_table(report: dict) -> str:
     first = next((r for r in rows if "train_tokens" in r), {})
     lines += ["", f"Model {_model_name(c['model'])}, data {c['data']}; K = {c['num_blocks']} ({c['placement']}); CPT {c['steps']} steps x {c['batch_size']} x "
               f"{c['seq_len']} tokens ({first.get('train_tokens', c['steps'] * c['batch_size'] * c['seq_len']):,} "
-              f"tokens), peak LR {c['lr']:g}; perplexity on {c['eval_tokens']:,} validation tokens (window "
+              f"tokens, the same data order for every method), peak LR {c['lr']:g}; what is trained is each method's "
+              "default (spec 3.4: the new blocks for LLaMA Pro and MIDUS, everything otherwise); perplexity on {c['eval_tokens']:,} validation tokens (window "
               f"{c['window']}); " + (("zero-shot: " + (f"first {c['limit']} examples per task" if c['limit'] else
               "whole validation sets") + ", acc_norm where the task defines it, else acc (± standard error). ")
               if tasks else "") + "Device: "
@@ -324,8 +330,10 @@ def plot(report: dict, path: str) -> None:
 
     rows = [r for r in report["rows"] if "error" not in r]
     labels = [r["label"] for r in rows]
-    panels = [("validation perplexity (lower is better)", [r["ppl"] for r in rows]),
-              ("mean zero-shot accuracy", [_mean_acc(r) or 0.0 for r in rows]),
+    panels = [("validation perplexity (lower is better)", [r["ppl"] for r in rows])]
+    if any(r.get("zero_shot") for r in rows):
+        panels.append(("mean zero-shot accuracy", [_mean_acc(r) or 0.0 for r in rows]))
+    panels += [
               ("training s/step", [r.get("s_per_step") or 0.0 for r in rows]),
               ("peak memory during training (MiB)", [r.get("peak_memory_mib") or 0.0 for r in rows])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(rows) + 1.6))
@@ -336,9 +344,9 @@ def plot(report: dict, path: str) -> None:
         ax.set_yticklabels(labels if ax is axes[0] else [""] * len(rows))
         ax.invert_yaxis()
         ax.set_title(title, fontsize=9)
-        finite = [v for v in values if v]
-        if title.startswith("validation") and finite:
-            ax.set_xlim(min(finite) * 0.97, max(finite) * 1.02)
+        for i, v in enumerate(values):  # the value at the bar's end: axes start at 0, so read the numbers
+            if v:
+                ax.text(v, i, f" {v:,.0f}" if v >= 100 else f" {v:.3g}", va="center", fontsize=7)
     c = report["config"]
     fig.suptitle(f"midus compare: {_model_name(c['model'])}, K={c['num_blocks']}, "
                  f"{c['steps']} x {c['batch_size']} x {c['seq_len']} CPT tokens", fontsize=10)
@@ -423,10 +431,39 @@ def config_from_args(args) -> CompareConfig:
                          limit=pick("limit"), device=args.device, progress=args.progress)
 
 
+def preflight(cfg: CompareConfig) -> None:
+    """Check what each worker would otherwise find out alone, after minutes of work: the model
+    folder, the data, K and the placement against the model's depth, the device. Raises
+    ValueError (or CLIError) naming the argument."""
+    import torch
+    from transformers import AutoConfig
+
+    import midus
+    from .cli import _resolve_model_path
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible")
+    if cfg.data != "wiki" and not Path(cfg.data).expanduser().exists():
+        raise ValueError(f"--data: not found: {cfg.data} (give 'wiki', a .txt/.jsonl file or a datasets folder)")
+    L = AutoConfig.from_pretrained(_resolve_model_path(cfg.model)).get_text_config().num_hidden_layers
+    placement = [int(x) for x in cfg.placement.split(",")] if "," in cfg.placement or cfg.placement.isdigit() \
+        else cfg.placement
+    for name in cfg.methods:
+        method = METHODS[name][0]
+        try:
+            if method == "solar":
+                midus.solar_layer_order(L, cfg.num_blocks)
+            elif method is not None:
+                midus.placement_indices(L, cfg.num_blocks, placement)
+        except ValueError as err:
+            raise ValueError(f"--num-blocks/--placement for {name} on a {L}-layer model: {err}") from None
+
+
 def run(args) -> int:
     """``midus compare``: run the comparison, print the Markdown table, write the report files."""
     cfg = config_from_args(args)
     _check_output_dir(args.output)  # fail before an hour of work, not after
+    preflight(cfg)
     if cfg.tasks:
         from .zeroshot import resolve_tasks
 
@@ -449,7 +486,7 @@ def _worker(argv: Sequence[str]) -> int:
         import traceback
 
         traceback.print_exc()
-        row = {"method": name, "label": METHODS[name][2], "error": f"{type(err).__name__}: {err}"}
+        row = {"method": name, "label": METHODS[name][2], "error": f"{type(err).__name__}: {err}"}  # its last line
     Path(out_file).write_text(json.dumps(row))
     return 0 if "error" not in row else 1
 

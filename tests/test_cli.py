@@ -44,7 +44,7 @@ def test_help(command, capsys):
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "midus", "--help"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": MIDUS_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
-    assert res.returncode == 0 and "{upscale,train,eval,run}" in res.stdout
+    assert res.returncode == 0 and "{upscale,train,eval,run," in res.stdout
 
 
 def test_upscale_writes_a_loadable_folder(tiny_model_dir, tmp_path, capsys):
@@ -64,10 +64,10 @@ def test_upscale_writes_a_loadable_folder(tiny_model_dir, tmp_path, capsys):
 
 def test_failed_commands_leave_existing_output_unchanged(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch,
                                                          capsys):
+    import shutil
+
     out = tmp_path / "out"  # an earlier output (a model folder), which a failed run must keep
-    out.mkdir()
-    (out / "config.json").write_text("{}")
-    (out / "keep.txt").write_text("precious")
+    shutil.copytree(tiny_model_dir, out)
     before = snapshot(out)
     # upscale fails inside the output block (K > L is rejected by midus.upscale).
     rc = main(["upscale", "--model", tiny_model_dir, "--output", str(out), "--num-blocks", "99"] + TINY_MEM)
@@ -99,6 +99,33 @@ def test_output_that_is_not_a_model_folder_is_refused_not_replaced(tiny_model_di
         rc = main(["upscale", "--model", tiny_model_dir, "--output", output, "--num-blocks", "1"] + TINY_MEM)
         assert rc == 1 and "--output" in capsys.readouterr().err
         assert snapshot(notes) == before
+
+
+def test_model_folder_holding_user_files_is_refused_not_replaced(tiny_model_dir, tiny_text_file, tmp_path, capsys):
+    # A model folder may be replaced (a re-run), but not one where the user keeps other things:
+    # notes, an analysis subfolder, or a config.json that is not a model's.
+    import shutil
+
+    cases = {"notes": ["notes.txt"], "subfolder": ["analysis/"], "not_a_model_config": []}
+    for name, extra in cases.items():
+        out = tmp_path / name
+        shutil.copytree(tiny_model_dir, out)
+        for item in extra:
+            if item.endswith("/"):
+                (out / item).mkdir()
+                (out / item / "head_importance.json").write_text("{}")
+            else:
+                (out / item).write_text("precious")
+        if name == "not_a_model_config":
+            (out / "config.json").write_text('{"mine": 1}')
+        before = snapshot(out)
+        for argv in (["upscale", "--model", tiny_model_dir, "--output", str(out), "--num-blocks", "1"] + TINY_MEM,
+                     ["train", "--model", tiny_model_dir, "--data", tiny_text_file, "--output", str(out), "--steps",
+                      "1", "--seq-len", "16", "--batch-size", "2", "--no-progress"]):
+            assert main(argv) == 1
+            err = capsys.readouterr().err
+            assert "--output" in err and "Traceback" not in err, err
+            assert snapshot(out) == before, (name, argv[0])
 
 
 @pytest.mark.parametrize("command", [["upscale", "--output", "X"], ["train", "--output", "X"], ["eval"], ["run"]])

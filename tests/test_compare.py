@@ -60,14 +60,15 @@ def test_in_process_rows_same_budget_and_report_files(tmp_path, tiny_model_dir, 
 
 
 def test_a_failing_method_is_reported_in_its_row(tmp_path, tiny_model_dir, tiny_text_file, capsys):
-    # solar needs L - K even: L = 4, K = 1 is refused; midus still runs, each in its own process
-    args = _args(tiny_model_dir, tiny_text_file, tmp_path / "out", "--methods", "solar,midus", "--steps", "1")
-    args.num_blocks = 1
+    # a sequence longer than the training text fails in the workers that train (each in its own
+    # process); the untrained base row still runs, and the report is written
+    args = _args(tiny_model_dir, tiny_text_file, tmp_path / "out", "--methods", "base,midus", "--steps", "1",
+                 "--seq-len", "100000")
     assert cmp.run(args) == 1
     report = json.loads((tmp_path / "out" / "compare.json").read_text())
-    solar, mid = report["rows"]
-    assert "L - K" in solar["error"] or "even" in solar["error"]
-    assert "error" not in mid and mid["ppl"] > 1.0
+    base, mid = report["rows"]
+    assert "error" not in base and base["ppl"] > 1.0
+    assert "seq_len" in mid["error"] and mid["error"].startswith("ValueError")
     assert "failed" in capsys.readouterr().out
 
 
@@ -93,3 +94,30 @@ def test_cli_wires_compare(capsys, tmp_path):
 
     assert main(["compare", "--methods", "midus,nope", "--output", str(tmp_path / "o")]) == 1
     assert "methods" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--model", "/no/such/model"], "--model"),
+    (["--data", "/no/such/text.txt"], "--data"),
+    (["--num-blocks", "9"], "num-blocks"),          # the tiny model has 4 layers
+    (["--placement", "0,9", "--num-blocks", "2"], "placement"),
+    (["--methods", "solar", "--num-blocks", "1"], "solar"),
+    (["--window", "1"], "window"),
+    (["--lr", "-1"], "lr"),
+    (["--methods", "midus,midus"], "once"),
+])
+def test_bad_settings_are_refused_before_any_worker_runs(extra, match, tmp_path, tiny_model_dir, tiny_text_file,
+                                                         capsys):
+    from midus.cli import main
+
+    argv = ["compare", "--model", tiny_model_dir, "--data", tiny_text_file, "--tasks", "none",
+            "--output", str(tmp_path / "out")]
+    for i in range(0, len(extra), 2):  # later flags replace the defaults above
+        if extra[i] in argv:
+            argv[argv.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            argv += extra[i:i + 2]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and "compare 1/" not in err, err
+    assert not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -123,6 +124,13 @@ def run(args) -> int:
         torch.set_num_threads(threads)
     compile_ = (not args.quick) if args.compile is None else args.compile
     out_dir = args.out or default_out_dir()
+    for parent in [Path(out_dir)] + list(Path(out_dir).parents):  # before timing anything, not after
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out: {parent} exists and is not a folder")
+            break
+    if args.time_budget is not None and args.time_budget < 0:
+        raise ValueError(f"--time-budget must be >= 0 (0: no limit), got {args.time_budget}")
     path = core.results_path(out_dir, device, args.quick)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     say(f"midus bench: {', '.join(chosen)} on {device} ({profile} sizes, {reps} runs after {warmup} warm-up"
