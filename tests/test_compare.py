@@ -81,6 +81,7 @@ def test_zero_shot_columns(tmp_path, tiny_model_dir, tiny_text_file, one_thread)
         assert all(v["n"] == 3 and 0.0 <= v["acc"] <= 1.0 for v in row["zero_shot"].values())
     md = (tmp_path / "out" / "compare.md").read_text()
     assert "arc_easy" in md and "mean acc" in md and "first 3 examples per task" in md
+    assert "{" not in md  # every f-string filled in
 
 
 def test_unknown_task_is_refused_before_any_work(tmp_path, tiny_model_dir, tiny_text_file):
