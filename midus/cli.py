@@ -296,6 +296,8 @@ def _zero_shot_args(args):
     if not args.tasks:
         if args.no_perplexity:
             raise CLIError("--no-perplexity: nothing to evaluate without --tasks")
+        if args.limit:
+            raise CLIError("--limit: applies to zero-shot tasks; give --tasks too")
         return []
     from .zeroshot import resolve_tasks
 

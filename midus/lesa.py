@@ -42,6 +42,8 @@ Choices of this project, marked [project] (the paper and code do not say, or say
 from __future__ import annotations
 
 import math
+import sys
+import time
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
@@ -213,8 +215,13 @@ def predict_layers(layers: Sequence[Mapping[str, torch.Tensor]], after: Sequence
         if list(layer) != names or any(layer[n].shape != layers[0][n].shape for n in names):
             raise ValueError(f"layers[{l}] differs from layers[0] in parameter names or shapes")
     result: List[Dict[str, torch.Tensor]] = [{} for _ in after]
+    matrices = [n for n in names if layers[0][n].dim() == 2]
+    t0 = time.time()
     for kind, name in enumerate(names):
         ref = layers[0][name]
+        if ref.dim() == 2:  # each kind fits its own predictor: tens of seconds on a CPU, so say so
+            print(f"[midus] lesa: fitting the predictor of {name} ({matrices.index(name) + 1}/{len(matrices)}, "
+                  f"{time.time() - t0:.0f} s so far)", file=sys.stderr, flush=True)
         mats = [layer[name].detach() for layer in layers]
         if ref.dim() == 2:
             preds = _predict_kind(mats, after, opts, seed=opts["seed"] * 1_000_003 + 2 * kind)  # +1: extrapolation

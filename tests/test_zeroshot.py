@@ -206,6 +206,9 @@ def test_unknown_task_is_a_clear_error(tiny_model_dir, capsys):
     assert "--limit" in capsys.readouterr().err
     assert main(["eval", "--model", tiny_model_dir, "--no-perplexity"]) == 1
     assert "--tasks" in capsys.readouterr().err
+    assert main(["eval", "--model", tiny_model_dir, "--limit", "5"]) == 1  # not silently ignored
+    err = capsys.readouterr().err
+    assert "--limit" in err and "--tasks" in err
     with pytest.raises(ValueError, match="tasks: unknown.*'nope'.*valid names: arc_easy"):
         resolve_tasks("piqa,nope")
     assert resolve_tasks("all") == list(ZERO_SHOT_TASKS)
