@@ -194,10 +194,17 @@ def _memory_options(args) -> dict:
     return opts
 
 
+_LESA_FLAGS = {"lesa_rank": "rank", "lesa_epochs": "epochs", "lesa_last": "last"}
+
+
 def _upscale(base, args):
     import midus
 
     opts = _memory_options(args)  # given with another method: upscale's TypeError says so
+    given = [flag for flag in _LESA_FLAGS if getattr(args, flag, None) is not None]
+    if given and args.method != "lesa":
+        raise CLIError(f"--{given[0].replace('_', '-')}: LESA options apply to --method lesa, got --method {args.method}")
+    opts.update({_LESA_FLAGS[flag]: getattr(args, flag) for flag in given})
     return midus.upscale(base, args.method, num_blocks=args.num_blocks, placement=_parse_placement(args.placement),
                          **opts)
 
@@ -464,6 +471,12 @@ def _add_upscale_args(p, required_output: bool) -> None:
     m.add_argument("--query-norm", dest="query_norm", choices=["none", "rms"], help="HML query norm (default: none)")
     m.add_argument("--pkm-heads", dest="pkm_heads", type=int, help="PKM memory heads (default: 4)")
     m.add_argument("--pkm-d-k", dest="pkm_d_k", type=int, help="PKM query width per head (default: 128)")
+    g = p.add_argument_group("LESA options (method lesa; defaults: midus.lesa.LESA_DEFAULTS)")
+    g.add_argument("--lesa-rank", dest="lesa_rank", type=int,
+                   help="singular directions the MLP predicts; the rest take the neighbours' mean (default: 64)")
+    g.add_argument("--lesa-epochs", dest="lesa_epochs", type=int, help="predictor training epochs (default: 5)")
+    g.add_argument("--lesa-last", dest="lesa_last", choices=["extrapolate", "copy"],
+                   help="a layer after the last base layer: predicted from the last two, or a copy (default: extrapolate)")
 
 
 def _add_data_args(p, split_help: Optional[str]) -> None:

@@ -187,3 +187,16 @@ def test_explicit_placement_sets_the_number_of_blocks(tiny_model_dir, tmp_path):
     import json
     record = json.loads((out / "config.json").read_text())["midus_upscale"]
     assert record["num_blocks"] == 2 and record["base_layers"] == [0, 2]
+
+
+def test_lesa_flags_reach_upscale_and_are_recorded(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "lesa"
+    assert main(["upscale", "--model", tiny_model_dir, "--output", str(out), "--method", "lesa", "--num-blocks", "1",
+                 "--lesa-rank", "4", "--lesa-epochs", "1", "--lesa-last", "copy"]) == 0
+    record = json.loads((out / "config.json").read_text())["midus_upscale"]
+    assert record["method"] == "lesa"
+    assert {k: record["lesa_options"][k] for k in ("rank", "epochs", "last")} == {"rank": 4, "epochs": 1, "last": "copy"}
+    assert "lesa: fitting the predictor" in capsys.readouterr().err
+    assert main(["upscale", "--model", tiny_model_dir, "--output", str(tmp_path / "x"), "--method", "dus",
+                 "--num-blocks", "1", "--lesa-rank", "4"]) == 1
+    assert "--lesa-rank" in capsys.readouterr().err and not (tmp_path / "x").exists()
