@@ -5,6 +5,8 @@ import zlib
 
 import torch
 
+from midus_ops.reference import pk_topk_ref
+
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 I32, I64 = torch.int32, torch.int64
 DT_ID = {F64: "fp64", F32: "fp32", BF16: "bf16", F16: "fp16", I32: "i32", I64: "i64"}
@@ -61,3 +63,45 @@ def rounding_tie_inputs(n: int, dtype: torch.dtype, N: int = 21, H: int = 3):
     k1 = 1 + torch.randint(0, max(16, n // 2), (H, n, 1)).to(dtype) * small
     k2 = big + 2 * torch.randint(0, max(8, n // 8), (H, n, 1)).to(dtype)
     return q, torch.stack([k1, k2], dim=1)
+
+
+def sub_scores_f64(q: torch.Tensor, subkeys: torch.Tensor):
+    """Exact sub-key scores s1, s2 [N, H, n] in fp64 from the given (possibly low-precision)
+    inputs, differentiable: the values the selected scores must equal."""
+    half = q.shape[-1] // 2
+    q64, k64 = q.double(), subkeys.double()
+    s1 = torch.einsum("thd,hid->thi", q64[..., :half], k64[:, 0])
+    s2 = torch.einsum("thd,hid->thi", q64[..., half:], k64[:, 1])
+    return s1, s2
+
+
+def scores_at(q: torch.Tensor, subkeys: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """score[t, h, m] = s1[a] + s2[b] with (a, b) = divmod(indices, n), in fp64, differentiable
+    in q and subkeys: the reference for the scores of *given* indices and for their gradient."""
+    n = subkeys.shape[2]
+    s1, s2 = sub_scores_f64(q, subkeys)
+    idx = indices.long()
+    return torch.gather(s1, -1, idx // n) + torch.gather(s2, -1, idx % n)
+
+
+def check_pk_topk_against_reference(q, subkeys, k, scores, idx):
+    """Robust to near-ties: (1) scores equal the reference's (the k best values do not depend on
+    which of two tied entries was chosen); (2) each returned index really has the returned
+    score, recomputed exactly from the sub-key scores; (3) indices are distinct, in [0, n*n),
+    int64, and scores are descending. Together: a valid top-k with the right scores."""
+    N, H, d_k = q.shape
+    n = subkeys.shape[2]
+    dtype = q.dtype
+    assert scores.shape == (N, H, k) and idx.shape == (N, H, k)
+    assert scores.dtype == dtype and idx.dtype == torch.int64
+    assert scores.device == q.device and idx.device == q.device
+    assert bool(torch.isfinite(scores).all()), "non-finite score for finite inputs (unwritten output?)"
+    assert int(idx.min()) >= 0 and int(idx.max()) < n * n, "index out of [0, n*n) (unwritten output?)"
+    if k > 1:
+        assert bool((scores[..., 1:] <= scores[..., :-1]).all()), "scores not descending"
+        srt = idx.sort(dim=-1).values
+        assert bool((srt[..., 1:] != srt[..., :-1]).all()), "an index selected twice"
+    q_cpu, sk_cpu = q.detach().cpu(), subkeys.detach().cpu()
+    want_scores, _ = pk_topk_ref(q_cpu, sk_cpu, k)
+    assert_close(scores, want_scores, dtype, "scores vs reference")
+    assert_close(scores, scores_at(q_cpu, sk_cpu, idx.cpu()), dtype, "score of the returned index")

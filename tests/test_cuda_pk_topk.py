@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import midus_ops
-from op_testing import BF16, DT_ID, F16, F32, F64, assert_close, rounding_tie_inputs, seed
+from op_testing import (BF16, DT_ID, F16, F32, F64, assert_close, check_pk_topk_against_reference,
+                        rounding_tie_inputs, scores_at, seed)
 from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory
 from midus_ops.reference import pk_topk_ref
 
@@ -49,34 +50,6 @@ def int_pk(N, H, d_k, n, dtype, device, lo=-2, hi=3):
     sk[:, :, n // 2] = sk[:, :, 0]
     sk[:, 1, n - 1] = sk[:, 1, 1]
     return q.to(device), sk.to(device)
-
-
-def scores_at(q, sk, idx):
-    """s1[a] + s2[b] at (a, b) = divmod(idx, n) in fp64, differentiable in q and sk."""
-    half, n = q.shape[-1] // 2, sk.shape[2]
-    q64, k64 = q.double(), sk.double()
-    s1 = torch.einsum("thd,hid->thi", q64[..., :half], k64[:, 0])
-    s2 = torch.einsum("thd,hid->thi", q64[..., half:], k64[:, 1])
-    idx = idx.long()
-    return torch.gather(s1, -1, idx // n) + torch.gather(s2, -1, idx % n)
-
-
-def check_valid_topk(q, sk, k, scores, idx):
-    """Scores equal the reference's; each index has its returned score; indices distinct, in
-    range; scores descending (robust to near-ties: never compares tied indices)."""
-    N, H, _ = q.shape
-    n = sk.shape[2]
-    assert scores.shape == (N, H, k) and idx.shape == (N, H, k)
-    assert scores.dtype == q.dtype and idx.dtype == torch.int64 and scores.device == q.device
-    assert bool(torch.isfinite(scores).all()), "non-finite score (unwritten output?)"
-    assert int(idx.min()) >= 0 and int(idx.max()) < n * n, "index out of [0, n*n) (unwritten output?)"
-    if k > 1:
-        assert bool((scores[..., 1:] <= scores[..., :-1]).all()), "scores not descending"
-        srt = idx.sort(dim=-1).values
-        assert bool((srt[..., 1:] != srt[..., :-1]).all()), "an index selected twice"
-    want, _ = pk_topk_ref(q.detach().cpu(), sk.detach().cpu(), k)
-    assert_close(scores, want, q.dtype, "scores vs reference")
-    assert_close(scores, scores_at(q.detach().cpu(), sk.detach().cpu(), idx.cpu()), q.dtype, "score of the index")
 
 
 def clear_rows(q, sk, k, rel=1e-4):
@@ -149,7 +122,7 @@ def test_cuda_pk_topk_matches_reference(shape, dtype):
     q, sk = rand_pk(N, H, d_k, n, dtype, "cuda", requires_grad=True)
     poison_allocator(N * H * k * elem(dtype), N * H * k * 8)
     scores, idx = midus_ops.pk_topk(q, sk, k)
-    check_valid_topk(q, sk, k, scores, idx)
+    check_pk_topk_against_reference(q, sk, k, scores, idx)
     if n <= 64:
         clear = clear_rows(q, sk, k).cuda()
         assert clear.float().mean() > 0.5, "test data: too few rows without near-ties"
@@ -377,12 +350,12 @@ def test_cuda_limits_direct_op_and_public_fallback():
     with pytest.raises(RuntimeError, match=r"k = 65.*64"):
         torch.ops.midus_ops.pk_topk(q, sk, 65)
     scores, idx = midus_ops.pk_topk(q, sk, 65)
-    check_valid_topk(q, sk, 65, scores, idx)
+    check_pk_topk_against_reference(q, sk, 65, scores, idx)
     q, sk = rand_pk(3, 1, 2, 4097, F32, "cuda")
     with pytest.raises(RuntimeError, match=r"n = 4097.*4096"):
         torch.ops.midus_ops.pk_topk(q, sk, 4)
     scores, idx = midus_ops.pk_topk(q, sk, 4)
-    check_valid_topk(q, sk, 4, scores, idx)
+    check_pk_topk_against_reference(q, sk, 4, scores, idx)
 
 
 @needs_cuda

@@ -22,8 +22,8 @@ import torch
 
 import midus_ops
 from midus_ops.reference import hive_gather_ref, pk_topk_ref
-from op_testing import (ATOL, BF16, DT_ID, F16, F32, F64, RTOL, assert_close, rounding_tie_inputs,  # noqa: F401
-                        seed)
+from op_testing import (ATOL, BF16, DT_ID, F16, F32, F64, RTOL, assert_close,  # noqa: F401
+                        check_pk_topk_against_reference, rounding_tie_inputs, scores_at, seed)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 HAS_EXT = midus_ops.EXTENSION_AVAILABLE
@@ -66,25 +66,6 @@ def rand_hive(N, H, k, R, d_z, d_v, dtype, idx_dtype, device, requires_grad=Fals
         proj = (torch.randn(H, d_z, d_v, dtype=F64) / math.sqrt(d_z)).to(dtype=dtype, device=device)
         proj.requires_grad_(requires_grad)
     return weights, indices, bank, proj
-
-
-def sub_scores_f64(q: torch.Tensor, subkeys: torch.Tensor):
-    """Exact sub-key scores s1, s2 [N, H, n] in fp64 from the given (possibly low-precision)
-    inputs, differentiable: the values the selected scores must equal."""
-    half = q.shape[-1] // 2
-    q64, k64 = q.double(), subkeys.double()
-    s1 = torch.einsum("thd,hid->thi", q64[..., :half], k64[:, 0])
-    s2 = torch.einsum("thd,hid->thi", q64[..., half:], k64[:, 1])
-    return s1, s2
-
-
-def scores_at(q: torch.Tensor, subkeys: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """score[t, h, m] = s1[a] + s2[b] with (a, b) = divmod(indices, n), in fp64, differentiable
-    in q and subkeys: the reference for the scores of *given* indices and for their gradient."""
-    n = subkeys.shape[2]
-    s1, s2 = sub_scores_f64(q, subkeys)
-    idx = indices.long()
-    return torch.gather(s1, -1, idx // n) + torch.gather(s2, -1, idx % n)
 
 
 # ============================================================================================
@@ -241,28 +222,6 @@ PK_SHAPES = [
     (3, 2, 8, 48, 40),     # k > 32 (beyond the CPU's 8-row sorting-network path)
     (5, 2, 4, 300, 6),     # n > 256 (likewise)
 ]
-
-
-def check_pk_topk_against_reference(q, subkeys, k, scores, idx):
-    """Robust to near-ties: (1) scores equal the reference's (the k best values do not depend on
-    which of two tied entries was chosen); (2) each returned index really has the returned
-    score, recomputed exactly from the sub-key scores; (3) indices are distinct, in [0, n*n),
-    int64, and scores are descending. Together: a valid top-k with the right scores."""
-    N, H, d_k = q.shape
-    n = subkeys.shape[2]
-    dtype = q.dtype
-    assert scores.shape == (N, H, k) and idx.shape == (N, H, k)
-    assert scores.dtype == dtype and idx.dtype == torch.int64
-    assert scores.device == q.device and idx.device == q.device
-    assert bool(torch.isfinite(scores).all()), "non-finite score for finite inputs (unwritten output?)"
-    assert int(idx.min()) >= 0 and int(idx.max()) < n * n, "index out of [0, n*n) (unwritten output?)"
-    if k > 1:
-        assert bool((scores[..., 1:] <= scores[..., :-1]).all()), "scores not descending"
-        srt = idx.sort(dim=-1).values
-        assert bool((srt[..., 1:] != srt[..., :-1]).all()), "an index selected twice"
-    want_scores, _ = pk_topk_ref(q.detach(), subkeys.detach(), k)
-    assert_close(scores, want_scores, dtype, "scores vs reference")
-    assert_close(scores, scores_at(q.detach(), subkeys.detach(), idx), dtype, "score of the returned index")
 
 
 @pytest.mark.parametrize("device", DEVICES)
