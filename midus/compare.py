@@ -155,7 +155,7 @@ def run_method(name: str, cfg: CompareConfig) -> dict:
     import torch
 
     import midus
-    from .cli import load_model
+    from .cli import _parse_placement, load_model
     from .data import load_corpus, pack_sequences
     from .evaluate import perplexity
     from .train import train
@@ -169,8 +169,7 @@ def run_method(name: str, cfg: CompareConfig) -> dict:
     n_base = _count(base)
     model = base
     if method is not None:
-        placement = [int(x) for x in cfg.placement.split(",")] if "," in cfg.placement or cfg.placement.isdigit() \
-            else cfg.placement
+        placement = _parse_placement(cfg.placement)
         if method == "solar":  # its layer order is fixed by K
             placement = "distributed"
         model = midus.upscale(base, method, num_blocks=cfg.num_blocks, placement=placement, **options)
@@ -438,15 +437,14 @@ def preflight(cfg: CompareConfig) -> None:
     from transformers import AutoConfig
 
     import midus
-    from .cli import _resolve_model_path
+    from .cli import _parse_placement, _resolve_model_path
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible")
     if cfg.data != "wiki" and not Path(cfg.data).expanduser().exists():
         raise ValueError(f"--data: not found: {cfg.data} (give 'wiki', a .txt/.jsonl file or a datasets folder)")
     L = AutoConfig.from_pretrained(_resolve_model_path(cfg.model)).get_text_config().num_hidden_layers
-    placement = [int(x) for x in cfg.placement.split(",")] if "," in cfg.placement or cfg.placement.isdigit() \
-        else cfg.placement
+    placement = _parse_placement(cfg.placement)
     for name in cfg.methods:
         method = METHODS[name][0]
         try:
