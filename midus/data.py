@@ -14,7 +14,8 @@ Sources (see :func:`load_documents`):
   ``"text"``; for a DatasetDict its ``"train"`` split, else its only split.
 
 Documents are split into train/validation by document (deterministic: by a hash of the
-document's name, so the split does not depend on order), tokenized, joined with the tokenizer's
+document's name, so the split does not depend on order), validation again into dev and test
+halves (for choosing settings on one and reporting on the other), tokenized, joined with the tokenizer's
 EOS token after each document, and packed into fixed-length sequences for training.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import List, Sequence, Tuple, Union
 import torch
 
 __all__ = ["WIKI_CLEANER_VERSION", "clean_wikitext", "read_wiki_dump", "load_documents", "split_documents",
-           "tokenize_documents", "pack_sequences", "load_corpus"]
+           "dev_test_split", "SPLITS", "tokenize_documents", "pack_sequences", "load_corpus"]
 
 WIKI_CLEANER_VERSION = 1
 Document = Tuple[str, str]  # (name, text)
@@ -201,6 +202,25 @@ def split_documents(docs: Sequence[Document], val_fraction: float = 0.1) -> Tupl
     return train, val
 
 
+def dev_test_split(val: Sequence[Document]) -> Tuple[List[Document], List[Document]]:
+    """Split the validation documents of :func:`split_documents` into (dev, test), by document.
+
+    Ranked by SHA-1 of the name, documents alternate dev, test, dev, ... (dev gets the extra one),
+    each part kept in the original order. Dev is for choosing settings (LR, recipe), test only
+    for reporting, so a comparison never tunes on what it reports. Raises ValueError for fewer
+    than 2 documents.
+    """
+    if len(val) < 2:
+        raise ValueError(f"a dev/test split needs at least 2 validation documents, got {len(val)}; "
+                         f"raise val_fraction or give more documents")
+    rank = sorted(range(len(val)), key=lambda i: hashlib.sha1(val[i][0].encode("utf-8")).hexdigest())
+    dev_idx = set(rank[0::2])
+    return [d for i, d in enumerate(val) if i in dev_idx], [d for i, d in enumerate(val) if i not in dev_idx]
+
+
+SPLITS = ("all", "train", "val", "dev", "test")
+
+
 def tokenize_documents(texts: Sequence[str], tokenizer) -> torch.Tensor:
     """One token stream: each text tokenized (no special tokens) and followed by EOS.
 
@@ -236,11 +256,14 @@ def pack_sequences(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
 def load_corpus(source: Union[str, os.PathLike], tokenizer, split: str = "all", val_fraction: float = 0.1,
                 max_tokens: int = 0) -> torch.Tensor:
     """Token stream (1-D int64) of a source's ``split``: "all", "train" or "val" (by document,
-    :func:`split_documents`). ``max_tokens`` > 0 keeps only the first that many tokens."""
-    if split not in ("all", "train", "val"):
-        raise ValueError(f"split must be 'all', 'train' or 'val', got {split!r}")
+    :func:`split_documents`), or "dev" / "test", the two halves of "val" (:func:`dev_test_split`).
+    ``max_tokens`` > 0 keeps only the first that many tokens."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(repr(x) for x in SPLITS)}, got {split!r}")
     docs = load_documents(source)
     if split != "all":
         docs = split_documents(docs, val_fraction)[0 if split == "train" else 1]
+        if split in ("dev", "test"):
+            docs = dev_test_split(docs)[0 if split == "dev" else 1]
     ids = tokenize_documents([t for _, t in docs], tokenizer)
     return ids[:max_tokens] if max_tokens > 0 else ids

@@ -2,10 +2,11 @@
 
 - Optimizer: AdamW with three parameter groups. ``memory_kv``: the key/value parameters of the
   memory layers (``subkeys``, ``bank``, ``proj`` of a HeadwiseMemoryLayer; ``subkeys``, ``values``
-  of a ProductKeyMemory; :func:`midus.memory_parameter_names`): constant LR equal to the peak
-  LR, no schedule, weight decay 0 (the paper's appendix). ``decay``: every other matrix: linear
-  warm-up then cosine decay to 0 (transformers' ``get_cosine_schedule_with_warmup``), the usual
-  weight decay. ``no_decay``: norms and biases: the same schedule, weight decay 0.
+  of a ProductKeyMemory; :func:`midus.memory_parameter_names`): weight decay 0 and their own LR
+  recipe (:class:`TrainConfig` ``memory_lr*`` and ``memory_max_grad_norm``, see
+  :data:`MEMORY_RECIPES`). ``decay``: every other matrix: linear warm-up then cosine decay to 0
+  (transformers' ``get_cosine_schedule_with_warmup``), the usual weight decay. ``no_decay``: norms
+  and biases: the same schedule, weight decay 0.
 - ``trainable``: "new" (only the inserted blocks, :func:`midus.new_parameter_names`) or "all";
   "auto" picks the method's default from ``model.config.midus_upscale["method"]``: "new" for
   midus and llama_pro, "all" for dus, solar and lesa (and for models not produced by ``upscale``).
@@ -22,6 +23,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -29,7 +31,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 import torch
 import torch.distributed as dist
@@ -38,10 +40,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DistributedSampler
 
 __all__ = ["TrainConfig", "TrainResult", "train", "resolve_trainable", "build_param_groups", "build_optimizer",
-           "build_scheduler", "init_distributed", "dist_info", "latest_checkpoint"]
+           "build_scheduler", "init_distributed", "dist_info", "latest_checkpoint", "MEMORY_LR_SCHEDULES"]
 
 # Methods whose default is to train only the inserted blocks (spec 3.4, [project] defaults).
 _NEW_BY_DEFAULT = ("midus", "llama_pro")
+
+MEMORY_LR_SCHEDULES = ("constant", "decay", "cosine")
 
 
 @dataclass
@@ -51,7 +55,7 @@ class TrainConfig:
     max_steps: int = 100
     micro_batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 3e-4                # peak LR; also the constant LR of the memory key/values
+    lr: float = 3e-4                # peak LR of every group but the memory key/values
     warmup_steps: int = 10
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
@@ -67,6 +71,12 @@ class TrainConfig:
     log_file: Optional[str] = None  # default: <checkpoint_dir>/log.jsonl
     progress: bool = True
     max_seconds: float = 0.0        # > 0: stop after the step that crosses this wall time
+    # The memory recipe: LR, schedule and clipping of the memory key/values (spec 3.4; MEMORY_RECIPES).
+    memory_lr: Optional[float] = None   # absolute start LR; None: memory_lr_scale * lr
+    memory_lr_scale: float = 1.0        # start LR as a multiple of the peak LR (when memory_lr is None)
+    memory_lr_schedule: str = "constant"  # "constant" | "decay" (linear to lr) | "cosine" (as the rest)
+    memory_lr_decay_steps: int = 0      # "decay": steps to reach lr (0: max_steps)
+    memory_max_grad_norm: float = 0.0   # > 0: memory key/values clipped on their own to this norm
 
     def __post_init__(self):
         for name in ("max_steps", "micro_batch_size", "grad_accum"):
@@ -74,6 +84,18 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.lr <= 0:
             raise ValueError(f"need warmup_steps >= 0 and lr > 0, got {self.warmup_steps}, {self.lr}")
+        if self.memory_lr is not None and not (self.memory_lr > 0 and math.isfinite(self.memory_lr)):
+            raise ValueError(f"memory_lr must be a positive number or None, got {self.memory_lr!r}")
+        if not (self.memory_lr_scale > 0 and math.isfinite(self.memory_lr_scale)):
+            raise ValueError(f"memory_lr_scale must be a positive number, got {self.memory_lr_scale!r}")
+        if self.memory_lr_schedule not in MEMORY_LR_SCHEDULES:
+            raise ValueError(f"memory_lr_schedule must be one of {', '.join(MEMORY_LR_SCHEDULES)}, "
+                             f"got {self.memory_lr_schedule!r}")
+        if int(self.memory_lr_decay_steps) < 0:
+            raise ValueError(f"memory_lr_decay_steps must be >= 0 (0: max_steps), got {self.memory_lr_decay_steps}")
+        for name in ("max_grad_norm", "memory_max_grad_norm"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)!r}")
         if self.trainable not in ("auto", "new", "all"):
             raise ValueError(f"trainable must be 'auto', 'new' or 'all', got {self.trainable!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -168,15 +190,22 @@ def _no_decay_names(model) -> Set[str]:
     return out
 
 
-def build_param_groups(model, lr: float, weight_decay: float) -> List[dict]:
+def build_param_groups(model, lr: float, weight_decay: float, memory_lr: Optional[float] = None,
+                       memory_lr_schedule: str = "constant", memory_lr_decay_steps: int = 0) -> List[dict]:
     """AdamW parameter groups of spec 3.4 over the parameters with ``requires_grad``.
 
     Returns up to three groups (empty ones are left out), each with keys ``params``, ``lr``,
-    ``weight_decay``, ``name`` ("memory_kv" | "decay" | "no_decay") and ``constant_lr`` (True for
-    memory_kv: :func:`build_scheduler` keeps its LR at ``lr``).
+    ``weight_decay``, ``name`` ("memory_kv" | "decay" | "no_decay"), ``schedule`` and
+    ``constant_lr`` (True when the group keeps its LR). ``memory_kv`` starts at ``memory_lr``
+    (default ``lr``) with schedule ``memory_lr_schedule`` (:data:`MEMORY_LR_SCHEDULES`; "decay"
+    reaches ``lr`` after ``memory_lr_decay_steps`` steps, the group's ``decay_to`` and
+    ``decay_steps``); the others follow the warm-up + cosine schedule ("cosine").
     """
     from . import memory_parameter_names
 
+    if memory_lr_schedule not in MEMORY_LR_SCHEDULES:
+        raise ValueError(f"memory_lr_schedule must be one of {', '.join(MEMORY_LR_SCHEDULES)}, "
+                         f"got {memory_lr_schedule!r}")
     memory = memory_parameter_names(model)
     no_decay = _no_decay_names(model)
     buckets: Dict[str, list] = {"memory_kv": [], "decay": [], "no_decay": []}
@@ -189,15 +218,29 @@ def build_param_groups(model, lr: float, weight_decay: float) -> List[dict]:
         buckets[key].append(p)
     groups = []
     for key, params in buckets.items():
-        if params:
-            groups.append({"params": params, "lr": lr, "name": key, "constant_lr": key == "memory_kv",
-                           "weight_decay": weight_decay if key == "decay" else 0.0})
+        if not params:
+            continue
+        group = {"params": params, "lr": lr, "name": key, "schedule": "cosine", "constant_lr": False,
+                 "weight_decay": weight_decay if key == "decay" else 0.0}
+        if key == "memory_kv":
+            group.update(lr=lr if memory_lr is None else memory_lr, schedule=memory_lr_schedule,
+                         constant_lr=memory_lr_schedule == "constant")
+            if memory_lr_schedule == "decay":
+                group.update(decay_to=lr, decay_steps=int(memory_lr_decay_steps))
+        groups.append(group)
     return groups
 
 
+def memory_start_lr(cfg: "TrainConfig") -> float:
+    """The LR the memory key/values start at: ``memory_lr``, else ``memory_lr_scale * lr``."""
+    return cfg.memory_lr if cfg.memory_lr is not None else cfg.memory_lr_scale * cfg.lr
+
+
 def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """torch AdamW over :func:`build_param_groups` (fused on CUDA)."""
-    groups = build_param_groups(model, cfg.lr, cfg.weight_decay)
+    """torch AdamW over :func:`build_param_groups` with ``cfg``'s memory recipe (fused on CUDA)."""
+    groups = build_param_groups(model, cfg.lr, cfg.weight_decay, memory_lr=memory_start_lr(cfg),
+                                memory_lr_schedule=cfg.memory_lr_schedule,
+                                memory_lr_decay_steps=cfg.memory_lr_decay_steps)
     fused = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
@@ -206,16 +249,38 @@ def _constant(_step: int) -> float:
     return 1.0
 
 
+class _LinearTo:
+    """LR multiplier going linearly from 1 at step 0 to ``end`` at ``steps``, then ``end``
+    (a class, not a closure, so that LambdaLR's state_dict can save it)."""
+
+    def __init__(self, end: float, steps: int):
+        self.end, self.steps = float(end), max(1, int(steps))
+
+    def __call__(self, step: int) -> float:
+        return 1.0 + (self.end - 1.0) * min(1.0, step / self.steps)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
-    """One LambdaLR: groups with ``constant_lr`` keep their LR; the others follow transformers'
-    ``get_cosine_schedule_with_warmup`` (linear 0 -> lr over ``warmup_steps``, cosine to 0 at
-    ``total_steps``)."""
+    """One LambdaLR over the groups of :func:`build_param_groups`, by each group's ``schedule``:
+    "constant" keeps the group's LR; "decay" goes linearly from it to ``decay_to`` over
+    ``decay_steps`` (0: ``total_steps``), then stays; "cosine" (and groups without a schedule
+    key that are not ``constant_lr``) follows transformers' ``get_cosine_schedule_with_warmup``
+    (linear 0 -> lr over ``warmup_steps``, cosine to 0 at ``total_steps``)."""
     from transformers import get_cosine_schedule_with_warmup
 
     # Take transformers' own schedule function from a throw-away optimizer, so the math is theirs.
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     cosine = get_cosine_schedule_with_warmup(probe, warmup_steps, total_steps).lr_lambdas[0]
-    return LambdaLR(optimizer, [_constant if g.get("constant_lr") else cosine for g in optimizer.param_groups])
+    lambdas = []
+    for g in optimizer.param_groups:
+        schedule = g.get("schedule", "constant" if g.get("constant_lr") else "cosine")
+        if schedule == "constant":
+            lambdas.append(_constant)
+        elif schedule == "decay":
+            lambdas.append(_LinearTo(g["decay_to"] / g["lr"], g.get("decay_steps") or total_steps))
+        else:
+            lambdas.append(cosine)
+    return LambdaLR(optimizer, lambdas)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -321,7 +386,8 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
-def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None, **overrides) -> TrainResult:
+def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None,
+          callback: Optional[Callable[[int, torch.nn.Module], None]] = None, **overrides) -> TrainResult:
     """Continued pre-training of ``model`` on packed sequences (spec/HML.md 3.4).
 
     Args:
@@ -330,6 +396,9 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None, **ove
         data: int64 [num_sequences, seq_len] (:func:`midus.data.pack_sequences`); each sequence is
             its own labels (next-token prediction, mean loss over its seq_len - 1 targets).
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields.
+        callback: called as ``callback(step, model)`` after each optimizer step (1-based step; on
+            every rank), e.g. to evaluate at checkpoints; its time is not counted as training time.
+            The model is put back in train mode after it.
 
     Returns a :class:`TrainResult`. Under ``torchrun`` every rank must call this with the same
     arguments; the returned losses are averaged over ranks. Raises ValueError for bad settings
@@ -355,7 +424,11 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None, **ove
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
     ddp = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None) if world > 1 else None
     runner = ddp or model
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    # The memory key/values are clipped on their own when the recipe says so (Meta's memory layers
+    # clip the values separately): their gradients then do not shrink everyone else's step.
+    separate = cfg.memory_max_grad_norm > 0
+    params = [p for g in optimizer.param_groups for p in g["params"] if not (separate and g["name"] == "memory_kv")]
+    memory_params = [p for g in optimizer.param_groups if g["name"] == "memory_kv" for p in g["params"]]
 
     start_step, tokens_before = 0, 0
     if cfg.resume_from:
@@ -379,7 +452,7 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None, **ove
     seq_len = data.shape[1]
     tokens_per_step = per_rank * world * seq_len
     result = TrainResult(steps=start_step, final_loss=float("nan"), trainable=trainable,
-                         trainable_params=sum(p.numel() for p in params))
+                         trainable_params=sum(p.numel() for g in optimizer.param_groups for p in g["params"]))
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", disable=not cfg.progress or rank != 0,
                dynamic_ncols=True)
     step_seconds, t_start = 0.0, time.time()
@@ -397,7 +470,10 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None, **ove
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else
-                                                       float("inf"))
+                                                       float("inf")) if params else torch.zeros(())
+            memory_grad_norm = None
+            if separate and memory_params:
+                memory_grad_norm = float(torch.nn.utils.clip_grad_norm_(memory_params, cfg.memory_max_grad_norm))
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
             optimizer.step()
             scheduler.step()
@@ -418,10 +494,18 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None, **ove
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tps:.0f}")
             if log is not None:
-                log.write(json.dumps({"step": step + 1, "loss": loss_val, "lr": lrs, "grad_norm": float(grad_norm),
-                                      "tokens": tokens_before + result.tokens, "tokens_per_s": tokens_per_step / dt,
-                                      "elapsed_s": time.time() - t_start}) + "\n")
+                record = {"step": step + 1, "loss": loss_val, "lr": lrs, "grad_norm": float(grad_norm),
+                          "tokens": tokens_before + result.tokens, "tokens_per_s": tokens_per_step / dt,
+                          "elapsed_s": time.time() - t_start}
+                if memory_grad_norm is not None:
+                    record["memory_grad_norm"] = memory_grad_norm
+                if step == start_step:  # the settings (and so the memory recipe) of this call
+                    record["config"] = asdict(cfg)
+                log.write(json.dumps(record) + "\n")
                 log.flush()
+            if callback is not None:
+                callback(step + 1, model)
+                model.train()
             last = step + 1 == cfg.max_steps
             out_of_time = cfg.max_seconds > 0 and time.time() - t_start > cfg.max_seconds
             if world > 1 and cfg.max_seconds > 0:  # every rank must stop at the same step
@@ -443,5 +527,17 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None, **ove
             log.close()
     result.seconds = step_seconds
     result.tokens_per_s = result.tokens / step_seconds if step_seconds else 0.0
+    # What produced these weights travels with them (save_pretrained writes it into config.json).
+    model.config.midus_train = {**recipe_of(cfg), "lr": cfg.lr, "steps": result.steps,
+                                "tokens": tokens_before + result.tokens, "trainable": trainable}
     model.eval()
     return result
+
+
+def recipe_of(cfg: TrainConfig) -> Dict[str, object]:
+    """The memory recipe of ``cfg`` as a JSON-serialisable dict (the ``memory_*`` fields and the
+    memory start LR they give)."""
+    out = {f: getattr(cfg, f) for f in ("memory_lr", "memory_lr_scale", "memory_lr_schedule",
+                                        "memory_lr_decay_steps", "memory_max_grad_norm")}
+    out["memory_start_lr"] = memory_start_lr(cfg)
+    return out
