@@ -50,7 +50,7 @@ from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory, hive_gather, pk_top
 
 __all__ = ["ANALYSES", "DEFAULT_TOKENS", "DEFAULT_WINDOW", "memory_blocks", "memory_forward", "override_memory",
            "slot_scores", "zero_heads", "head_importance", "fixed_slot_sets", "retrieval_loss", "fixed_retrieval",
-           "memory_usage", "plot_head_importance", "plot_fixed_retrieval", "plot_memory_usage", "run_analyses",
+           "memory_usage", "memory_health", "plot_head_importance", "plot_fixed_retrieval", "plot_memory_usage", "run_analyses",
            "add_arguments", "run"]
 
 ANALYSES = ("heads", "fixed", "usage")
@@ -145,7 +145,7 @@ def memory_forward(memory: Memory, x: torch.Tensor, select: Optional[Select] = N
     q, lead = _query(memory, x)
     dt = q.dtype
     scores, idx = pk_topk(q, memory.subkeys.to(dt), memory.k)
-    w = torch.softmax(scores.to(_softmax_dtype(dt)) / memory.tau, dim=-1)
+    w = memory.topk_weights(scores)
     if select is not None:
         idx, w = select(q, scores, idx, w)
     if record is not None:
@@ -428,7 +428,7 @@ def _weights(weighting: str, memory: Memory, q: torch.Tensor, idx: torch.Tensor,
     if weighting == "uniform":
         return torch.full(idx.shape, 1.0 / idx.shape[-1], dtype=like.dtype, device=like.device)
     s = slot_scores(memory, q, idx)
-    return torch.softmax(s.to(like.dtype) / memory.tau, dim=-1)
+    return memory.topk_weights(s).to(like.dtype)
 
 
 def _fixed_select(memory: Memory, slots: torch.Tensor, weighting: str) -> Select:
@@ -588,6 +588,35 @@ def memory_usage(model, input_ids: torch.Tensor, window: int = DEFAULT_WINDOW, b
     return {**_common(ev, "memory_usage"), "loss": loss, "blocks": blocks,
             "statistics": "Lample et al. 2019 sec. 4.3 via the layers' memory_stats() (spec 2.1)",
             "seconds": time.time() - t0}
+
+
+def memory_health(model, input_ids: torch.Tensor, window: int = DEFAULT_WINDOW, batch_size: int = 4, seed: int = 0,
+                  device=None) -> dict:
+    """Whether the memory learned, in three figures (what ``midus run`` prints after CPT).
+
+    Two passes over the evaluation windows: the layers' own forward with usage statistics
+    (:func:`memory_usage`), then every block reading k random slots per token and head with
+    uniform weights (:func:`retrieval_loss`, slots="random", weighting="uniform", seeded).
+
+    Returns a dict: ``weight_entropy`` (mean over blocks and heads of the top-k weight entropy,
+    nats), ``max_entropy`` (ln k: uniform weights), ``entropy_ratio`` (their ratio; 1 = the
+    memory reads its k slots alike, so it acts as a bias rather than as retrieval),
+    ``slot_usage`` (mean fraction of the n*n slots read), ``learned_loss`` and ``random_loss``
+    (nats/token), ``retrieval_gain`` (random - learned, nats: how much the learned choice of
+    slots and weights is worth), ``tokens``, ``seconds``. Raises ValueError for a model without
+    memory blocks.
+    """
+    t0 = time.time()
+    usage = memory_usage(model, input_ids, window, batch_size, device)
+    ev = _Evaluator(model, input_ids, window, batch_size, device)
+    random_loss = ev.loss(_selects(ev, "random", "uniform", None, seed))
+    values = lambda key: [v for b in usage["blocks"] for v in b[key] if v is not None]  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    ent, max_ent = mean(values("weight_entropy")), mean([b["max_entropy"] for b in usage["blocks"]])
+    return {"weight_entropy": ent, "max_entropy": max_ent, "entropy_ratio": ent / max_ent if max_ent > 0 else None,
+            "slot_usage": mean(values("slot_usage")), "learned_loss": usage["loss"], "random_loss": random_loss,
+            "retrieval_gain": random_loss - usage["loss"], "tokens": usage["tokens"], "window": usage["window"],
+            "seed": seed, "seconds": time.time() - t0}
 
 
 def _finite(v: float) -> Optional[float]:

@@ -65,6 +65,7 @@ MEMORY_DEFAULTS: Dict[str, Any] = {
     "d_z": 256,           # HML latent bank width
     "tau": 1.0,           # softmax temperature
     "query_norm": "none",  # HML query normalisation: "none" or "rms"
+    "learn_tau": False,   # a learned softmax temperature per head (log_tau, initialised at log(tau))
     "pkm_heads": 4,       # PKM memory heads
     "pkm_d_k": 128,       # PKM query width per head
 }
@@ -106,6 +107,8 @@ def _check_memory_options(opts: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"k must satisfy 1 <= k <= n = {out['n']}, got k = {out['k']}")
     if not float(out["tau"]) > 0:
         raise ValueError(f"tau must be > 0, got {out['tau']!r}")
+    if not isinstance(out["learn_tau"], bool):
+        raise ValueError(f"learn_tau must be True or False, got {out['learn_tau']!r}")
     return out
 
 
@@ -118,7 +121,7 @@ class MidusConfig(_BaseConfig):
             ``num_hidden_layers`` counts base layers and memory blocks, its ``layer_types`` (when the
             family has them) gives each position's attention type.
         memory_positions: indices in that stack of the memory blocks (each follows its source layer).
-        memory, out_proj, n, k, d_z, tau, query_norm, pkm_heads, pkm_d_k: the memory options, see
+        memory, out_proj, n, k, d_z, tau, query_norm, pkm_heads, pkm_d_k, learn_tau: the memory options, see
             ``MEMORY_DEFAULTS`` (spec 2.1, 3.1).
         midus_upscale: the record written by ``midus.upscale`` (method, K, placement, positions).
 
@@ -131,7 +134,8 @@ class MidusConfig(_BaseConfig):
     def __init__(self, text_config=None, memory_positions: Optional[List[int]] = None,
                  memory: str = "hml", out_proj: str = "none",
                  n: int = 32, k: int = 16, d_z: int = 256, tau: float = 1.0, query_norm: str = "none",
-                 pkm_heads: int = 4, pkm_d_k: int = 128, midus_upscale: Optional[dict] = None, **kwargs):
+                 pkm_heads: int = 4, pkm_d_k: int = 128, midus_upscale: Optional[dict] = None,
+                 learn_tau: bool = False, **kwargs):
         if isinstance(text_config, dict):
             text_config = dict(text_config)
             text_config = AutoConfig.for_model(text_config.pop("model_type", "llama"), **text_config)
@@ -141,7 +145,8 @@ class MidusConfig(_BaseConfig):
         self.text_config = text_config
         self.memory_positions = [int(p) for p in (memory_positions or [])]
         opts = _check_memory_options(dict(memory=memory, out_proj=out_proj, n=n, k=k, d_z=d_z, tau=tau,
-                                          query_norm=query_norm, pkm_heads=pkm_heads, pkm_d_k=pkm_d_k))
+                                          query_norm=query_norm, pkm_heads=pkm_heads, pkm_d_k=pkm_d_k,
+                                          learn_tau=learn_tau))
         for key, value in opts.items():
             setattr(self, key, value)
         self.midus_upscale = midus_upscale
@@ -201,10 +206,12 @@ class MidusMemoryBlock(GradientCheckpointingLayer):
             # Identity: the attention then returns concat_h o_h [B, T, H*d_h] in head-major order.
             self.self_attn.o_proj = nn.Identity()
             self.memory = HeadwiseMemoryLayer(self.num_heads, self.head_dim, n=opts["n"], k=opts["k"],
-                                              d_z=opts["d_z"], tau=opts["tau"], query_norm=opts["query_norm"])
+                                              d_z=opts["d_z"], tau=opts["tau"], query_norm=opts["query_norm"],
+                                              learn_tau=opts["learn_tau"])
         else:
             self.memory = ProductKeyMemory(config.hidden_size, num_heads=opts["pkm_heads"], n=opts["n"],
-                                           k=opts["k"], d_k=opts["pkm_d_k"], tau=opts["tau"], value_init="zeros")
+                                           k=opts["k"], d_k=opts["pkm_d_k"], tau=opts["tau"], value_init="zeros",
+                                           learn_tau=opts["learn_tau"])
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
                 position_embeddings=None, **kwargs) -> torch.Tensor:

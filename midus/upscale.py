@@ -24,7 +24,7 @@ __all__ = ["upscale", "placement_indices", "solar_layer_order", "new_parameter_n
 METHODS = ("midus", "dus", "llama_pro", "solar", "lesa")
 PLACEMENTS = ("distributed", "top-heavy", "bottom-heavy")
 # Leaf names of the key/value parameters of the memory layers (spec 3.4: constant LR, no decay).
-KEY_VALUE_PARAMETER_NAMES = {"hml": ("subkeys", "bank", "proj"), "pkm": ("subkeys", "values")}
+KEY_VALUE_PARAMETER_NAMES = {"hml": ("subkeys", "bank", "proj", "log_tau"), "pkm": ("subkeys", "values", "log_tau")}
 # LLaMA Pro zero-initialises the modules that write into the residual stream, found by role.
 _RESIDUAL_WRITERS = {"attention output": "self_attn.o_proj", "mlp output": "mlp.down_proj"}
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
@@ -244,7 +244,7 @@ def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = Non
         placement: "distributed" (default), "top-heavy", "bottom-heavy" or a list of base-layer
             indices (spec 3.2). Not used by solar (only the default is accepted).
         **memory_options: method="midus": memory ("hml" | "pkm"), out_proj ("none" | "copy"),
-            n, k, d_z, tau, query_norm, pkm_heads, pkm_d_k (defaults in ``MEMORY_DEFAULTS``).
+            n, k, d_z, tau, query_norm, learn_tau, pkm_heads, pkm_d_k (defaults in ``MEMORY_DEFAULTS``).
             method="lesa": rank, hidden, epochs, batch_size, lr, norm_weight, seed, last
             (defaults in ``midus.lesa.LESA_DEFAULTS``; recorded as ``midus_upscale["lesa_options"]``).
 
@@ -352,7 +352,8 @@ def memory_parameter_names(model: torch.nn.Module) -> Set[str]:
     """Names of the key/value parameters of the memory layers in ``model`` (spec 3.4: constant LR, no decay).
 
     The naming rule: in a ``HeadwiseMemoryLayer`` the parameters ``subkeys``, ``bank``, ``proj``;
-    in a ``ProductKeyMemory`` ``subkeys``, ``values`` (e.g. ``model.layers.3.memory.bank``). Not
+    in a ``ProductKeyMemory`` ``subkeys``, ``values`` (e.g. ``model.layers.3.memory.bank``); in
+    either, ``log_tau`` when the layer learns its temperature. Not
     included: a PKM's ``query.weight``, an HML's ``query_norm.weight``. Empty for models without
     memory layers.
     """
@@ -364,5 +365,6 @@ def memory_parameter_names(model: torch.nn.Module) -> Set[str]:
             leaves = KEY_VALUE_PARAMETER_NAMES["pkm"]
         else:
             continue
-        names.update(f"{module_name}.{leaf}" if module_name else leaf for leaf in leaves)
+        names.update(f"{module_name}.{leaf}" if module_name else leaf for leaf in leaves
+                     if isinstance(getattr(module, leaf, None), torch.nn.Parameter))
     return names

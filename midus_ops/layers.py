@@ -19,6 +19,13 @@ def _check_positive_ints(**values) -> None:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
+def _check_bool(**values) -> bool:
+    (name, v), = values.items()
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be True or False, got {v!r}")
+    return v
+
+
 def _check_tau(tau) -> float:
     try:
         tau = float(tau)
@@ -34,8 +41,9 @@ def _softmax_dtype(dt: torch.dtype) -> torch.dtype:
     return torch.float64 if dt == torch.float64 else torch.float32
 
 
-def _topk_weights(scores: torch.Tensor, tau: float, allow_16bit: bool = True) -> torch.Tensor:
-    """softmax(scores / tau) over the last dim, computed in fp32 (fp64 for fp64).
+def _topk_weights(scores: torch.Tensor, tau, allow_16bit: bool = True) -> torch.Tensor:
+    """softmax(scores / tau) over the last dim, computed in fp32 (fp64 for fp64). ``tau``: a float,
+    or a tensor [H] of per-head temperatures for scores [N, H, k] (a learned temperature).
 
     Returned in fp32 (fp64), except in one case: bf16/fp16 CUDA scores that need no gradient
     with tau = 1 (inference, decode) give the weights in the scores' dtype straight from torch's
@@ -46,10 +54,12 @@ def _topk_weights(scores: torch.Tensor, tau: float, allow_16bit: bool = True) ->
     statistics use the fp32 weights. Elsewhere softmax's ``dtype`` argument converts the
     input (as an explicit ``.to`` would) and tau = 1 skips the division.
     """
+    sd = _softmax_dtype(scores.dtype)
+    if isinstance(tau, torch.Tensor):
+        return torch.softmax(scores.to(sd) / tau.to(sd).view(-1, 1), dim=-1)
     if (allow_16bit and tau == 1.0 and scores.is_cuda and not scores.requires_grad
             and scores.dtype in (torch.bfloat16, torch.float16)):
         return torch.softmax(scores, dim=-1)
-    sd = _softmax_dtype(scores.dtype)
     if tau != 1.0:
         scores = scores.to(sd) / tau
     return torch.softmax(scores, dim=-1, dtype=sd)
@@ -145,9 +155,12 @@ class HeadwiseMemoryLayer(nn.Module):
         d_z: width of the shared latent bank. [project] default 256.
         tau: softmax temperature (> 0). Default 1.
         query_norm: "none" (default, as in the paper) or "rms" (per-head learnable RMSNorm).
+        learn_tau: if True, each head learns its own temperature: a parameter ``log_tau`` [H]
+            initialised at log(tau) (as CLIP learns its logit scale), so a head can sharpen or
+            flatten its top-k weights. Default False (the fixed ``tau``).
 
     Parameters: ``subkeys`` [H, 2, n, d_h/2] ~ N(0, 1/d_h); ``bank`` [n*n, d_z] = 0;
-    ``proj`` [H, d_z, d_h] ~ N(0, 1/d_z). With the zero bank the layer outputs zeros, so a block
+    ``proj`` [H, d_z, d_h] ~ N(0, 1/d_z) (and ``log_tau`` [H] with ``learn_tau``). With the zero bank the layer outputs zeros, so a block
     ``x + HML(...)`` starts as the identity while the bank still gets gradients.
 
     Raises ValueError (naming the argument) for non-positive sizes, odd head_dim, k outside
@@ -159,10 +172,11 @@ class HeadwiseMemoryLayer(nn.Module):
     """
 
     def __init__(self, num_heads: int, head_dim: int, n: int = 32, k: int = 16, d_z: int = 256,
-                 tau: float = 1.0, query_norm: str = "none"):
+                 tau: float = 1.0, query_norm: str = "none", learn_tau: bool = False):
         super().__init__()
         _check_positive_ints(num_heads=num_heads, head_dim=head_dim, n=n, k=k, d_z=d_z)
         tau = _check_tau(tau)
+        learn_tau = _check_bool(learn_tau=learn_tau)
         if head_dim % 2:
             raise ValueError(f"head_dim must be even (the query is split in two halves), got {head_dim}")
         if not 1 <= k <= n:
@@ -175,6 +189,7 @@ class HeadwiseMemoryLayer(nn.Module):
         self.bank = nn.Parameter(torch.empty(n * n, d_z))
         self.proj = nn.Parameter(torch.empty(num_heads, d_z, head_dim))
         self.query_norm = _PerHeadRMSNorm(num_heads, head_dim) if query_norm == "rms" else None
+        self.log_tau = nn.Parameter(torch.empty(num_heads)) if learn_tau else None
         self.stats = _UsageStats(num_heads, n * n)
         self.track_stats = True
         self.deterministic = False
@@ -186,6 +201,14 @@ class HeadwiseMemoryLayer(nn.Module):
         nn.init.normal_(self.proj, std=1.0 / math.sqrt(self.d_z))
         if self.query_norm is not None:
             nn.init.ones_(self.query_norm.weight)
+        if self.log_tau is not None:
+            nn.init.constant_(self.log_tau, math.log(self.tau))
+
+    def topk_weights(self, scores: torch.Tensor, allow_16bit: bool = False) -> torch.Tensor:
+        """softmax(scores / tau) over the last dim of ``scores`` [N, H, k], in fp32 (fp64 for fp64);
+        tau per head (``exp(log_tau)``) with ``learn_tau``. See :func:`_topk_weights` for the
+        16-bit inference path that ``allow_16bit`` permits."""
+        return _topk_weights(scores, self.tau if self.log_tau is None else self.log_tau.exp(), allow_16bit)
 
     def forward(self, o: torch.Tensor) -> torch.Tensor:
         """o: [..., H, d_h] per-head attention outputs (before any output projection).
@@ -200,7 +223,7 @@ class HeadwiseMemoryLayer(nn.Module):
         dt = q.dtype
         scores, idx = pk_topk(q, self.subkeys.to(dt), self.k)
         recording = self.track_stats and not self.training
-        w = _topk_weights(scores, self.tau, allow_16bit=not recording)
+        w = self.topk_weights(scores, allow_16bit=not recording)
         if recording:
             self.stats.update(idx, w)
         # The indices come from pk_topk, in [0, n*n) by construction: no host-side range check
@@ -224,7 +247,8 @@ class HeadwiseMemoryLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, n={self.n}, k={self.k}, "
-                f"d_z={self.d_z}, tau={self.tau}, query_norm={self.query_norm_kind!r}")
+                f"d_z={self.d_z}, tau={self.tau}, query_norm={self.query_norm_kind!r}"
+                + (", learn_tau=True" if self.log_tau is not None else ""))
 
 
 class ProductKeyMemory(nn.Module):
@@ -245,6 +269,8 @@ class ProductKeyMemory(nn.Module):
         d_k: query width per head (even). [project] default 128.
         d_out: value width, default ``d_model``.
         tau: softmax temperature.
+        learn_tau: a learned temperature per memory head (``log_tau`` [H_m], initialised at
+            log(tau)), as for :class:`HeadwiseMemoryLayer`. Default False.
         value_init: "normal" (N(0, 1/d_out), Lample et al.) or "zeros" (identity at insertion,
             as MIDUS's up-scaling uses).
 
@@ -254,11 +280,12 @@ class ProductKeyMemory(nn.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int = 4, n: int = 32, k: int = 16, d_k: int = 128,
-                 d_out: Optional[int] = None, tau: float = 1.0, value_init: str = "normal"):
+                 d_out: Optional[int] = None, tau: float = 1.0, value_init: str = "normal", learn_tau: bool = False):
         super().__init__()
         d_out = d_model if d_out is None else d_out
         _check_positive_ints(d_model=d_model, num_heads=num_heads, n=n, k=k, d_k=d_k, d_out=d_out)
         tau = _check_tau(tau)
+        learn_tau = _check_bool(learn_tau=learn_tau)
         if d_k % 2:
             raise ValueError(f"d_k must be even, got {d_k}")
         if not 1 <= k <= n:
@@ -270,6 +297,7 @@ class ProductKeyMemory(nn.Module):
         self.query = nn.Linear(d_model, num_heads * d_k, bias=False)
         self.subkeys = nn.Parameter(torch.empty(num_heads, 2, n, d_k // 2))
         self.values = nn.Parameter(torch.empty(n * n, d_out))
+        self.log_tau = nn.Parameter(torch.empty(num_heads)) if learn_tau else None
         self.stats = _UsageStats(num_heads, n * n)
         self.track_stats = True
         self.deterministic = False
@@ -282,6 +310,8 @@ class ProductKeyMemory(nn.Module):
             nn.init.zeros_(self.values)
         else:
             nn.init.normal_(self.values, std=1.0 / math.sqrt(self.d_out))
+        if self.log_tau is not None:
+            nn.init.constant_(self.log_tau, math.log(self.tau))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.d_model:
@@ -291,7 +321,7 @@ class ProductKeyMemory(nn.Module):
         q = F.linear(x.reshape(-1, self.d_model), self.query.weight.to(dt)).view(-1, self.num_heads, self.d_k)
         scores, idx = pk_topk(q, self.subkeys.to(dt), self.k)
         recording = self.track_stats and not self.training
-        w = _topk_weights(scores, self.tau, allow_16bit=not recording)
+        w = self.topk_weights(scores, allow_16bit=not recording)
         if recording:
             self.stats.update(idx, w)
         # Summing heads equals one bag of H_m * k rows per token: no [N, H_m, d_out] intermediate.
@@ -301,9 +331,10 @@ class ProductKeyMemory(nn.Module):
                           deterministic=self.deterministic, check_indices=False)  # from pk_topk: in range
         return out.reshape(*lead, self.d_out)
 
+    topk_weights = HeadwiseMemoryLayer.topk_weights
     memory_stats = HeadwiseMemoryLayer.memory_stats
     reset_memory_stats = HeadwiseMemoryLayer.reset_memory_stats
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, n={self.n}, k={self.k}, d_k={self.d_k}, "
-                f"d_out={self.d_out}, tau={self.tau}")
+                f"d_out={self.d_out}, tau={self.tau}" + (", learn_tau=True" if self.log_tau is not None else ""))
