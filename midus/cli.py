@@ -25,9 +25,7 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -45,101 +43,14 @@ def _log(msg: str) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _resolve_model_path(model: str) -> str:
-    if model == "default":
-        from .defaults import default_model_path
-
-        return default_model_path()
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise CLIError(f"--model: model path not found: {model} (give a local Hugging Face model folder or 'default')")
-    if not (path / "config.json").is_file():
-        raise CLIError(f"--model: {model} has no config.json: not a Hugging Face model folder")
-    return str(path)
-
-
-def load_model(model: str, device=None):
-    """(model, tokenizer, path) for a local folder or "default"; fp32 weights, eval mode.
-
-    Importing midus registers the MIDUS classes, so up-scaled folders load too. Raises
-    CLIError naming the path if it does not exist or is not a model folder.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import midus  # noqa: F401  (registers MidusConfig / MidusForCausalLM)
-
-    path = _resolve_model_path(model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise CLIError(f"--model: cannot load a tokenizer from {path}: {err}") from None
-    net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if device is not None:
-        net.to(device)
-    return net.eval(), tokenizer, path
-
-
-# What save_pretrained (model, tokenizer, generation config, remote code) writes into a model
-# folder: an existing --output holding only these is one this tool may replace.
-_MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-                        "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-                        "vocab.json", "vocab.txt", "merges.txt", "chat_template.*", "modeling_*.py",
-                        "configuration_*.py", "*.gguf", "train_log.jsonl")
-
-
-def _is_model_config(path: Path) -> bool:
-    try:
-        return "model_type" in json.loads(path.read_text())
-    except (OSError, ValueError, TypeError):
-        return False
-
-
-def _check_output(output: str) -> None:
-    """An existing --output is replaced whole, so it must be a folder this tool could have written:
-    empty, or a model folder (a config.json with a model_type, and nothing but the files
-    save_pretrained writes). Anything else (other files or subfolders, the working folder or one
-    of its parents) is refused rather than deleted."""
-    import fnmatch
-
-    path = Path(output).expanduser()
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"--output: {output} exists and is not a folder")
-    if path.is_dir():
-        resolved, cwd = path.resolve(), Path.cwd().resolve()
-        if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
-            raise CLIError(f"--output: {output} is the working folder, one of its parents or the home folder; "
-                           f"it would be replaced whole: name a new folder")
-        entries = list(path.iterdir())
-        if entries and not _is_model_config(path / "config.json"):
-            raise CLIError(f"--output: {output} is a non-empty folder that is not a model folder (no config.json "
-                           f"with a model_type); it would be replaced whole: name a new or empty folder")
-        others = sorted(e.name + ("/" if e.is_dir() else "") for e in entries
-                        if e.is_dir() or not any(fnmatch.fnmatch(e.name, pat) for pat in _MODEL_FILE_PATTERNS))
-        if others:
-            raise CLIError(f"--output: {output} holds files that are not part of a saved model "
-                           f"({', '.join(others[:4])}{', ...' if len(others) > 4 else ''}); it would be replaced whole: "
-                           f"move them, or name a new folder")
-
-
-@contextmanager
-def atomic_output_dir(output: str):
-    """Yield a temp folder beside ``output``; on success it replaces ``output`` (rename), on any
-    error it is deleted and ``output`` is left exactly as it was."""
-    _check_output(output)
-    final = Path(output).expanduser().absolute()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+# Shared with the other commands and the pipeline (midus.runtime); the old private names stay
+# importable from here.
+from .runtime import MODEL_FILE_PATTERNS as _MODEL_FILE_PATTERNS  # noqa: E402
+from .runtime import atomic_output_dir, load_model  # noqa: E402
+from .runtime import check_output as _check_output  # noqa: E402
+from .runtime import count_parameters as _count  # noqa: E402
+from .runtime import parse_placement as _parse_placement  # noqa: E402
+from .runtime import resolve_model_path as _resolve_model_path  # noqa: E402
 
 
 def _since_process_start() -> Optional[float]:
@@ -156,9 +67,9 @@ def _since_process_start() -> Optional[float]:
 
 
 def _device():
-    import torch
+    from .runtime import pick_device
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return pick_device("auto")
 
 
 def _autocast_dtype(device):
@@ -167,27 +78,9 @@ def _autocast_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else None
 
 
-def _count(model) -> int:
-    seen, n = set(), 0
-    for p in model.parameters():  # tied weights once
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
-
-
-def _parse_placement(text: str):
-    if "," in text or text.strip().isdigit():
-        try:
-            return [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise CLIError(f"--placement: expected a name or a comma-separated list of layer indices, got {text!r}")
-    return text
-
-
 def _memory_options(args) -> dict:
     opts = {}
-    for key in ("memory", "out_proj", "n", "k", "d_z", "tau", "query_norm", "pkm_heads", "pkm_d_k"):
+    for key in ("memory", "out_proj", "n", "k", "d_z", "tau", "query_norm", "learn_tau", "pkm_heads", "pkm_d_k"):
         value = getattr(args, key, None)
         if value is not None:
             opts[key] = value
@@ -469,6 +362,8 @@ def _add_upscale_args(p, required_output: bool) -> None:
     m.add_argument("--d-z", dest="d_z", type=int, help="latent bank width (default: 256)")
     m.add_argument("--tau", type=float, help="softmax temperature (default: 1.0)")
     m.add_argument("--query-norm", dest="query_norm", choices=["none", "rms"], help="HML query norm (default: none)")
+    m.add_argument("--learn-tau", dest="learn_tau", action="store_const", const=True, default=None,
+                   help="a learned softmax temperature per memory head, starting at --tau (default: fixed tau)")
     m.add_argument("--pkm-heads", dest="pkm_heads", type=int, help="PKM memory heads (default: 4)")
     m.add_argument("--pkm-d-k", dest="pkm_d_k", type=int, help="PKM query width per head (default: 128)")
     g = p.add_argument_group("LESA options (method lesa; defaults: midus.lesa.LESA_DEFAULTS)")
@@ -484,7 +379,7 @@ def _add_data_args(p, split_help: Optional[str]) -> None:
                    help="'wiki' (the built-in Wikipedia text), a .txt file, a .jsonl file with a 'text' field, "
                         "or a datasets folder (default: wiki)")
     if split_help:
-        p.add_argument("--split", choices=["all", "train", "val"], help=split_help)
+        p.add_argument("--split", choices=["all", "train", "val", "dev", "test"], help=split_help)
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="fraction of documents held out as validation (default: 0.1)")
 
@@ -606,6 +501,11 @@ _MODULE_COMMANDS = [
      "Time (CUDA events on a GPU, wall time on a CPU) and peak memory of each subject beside its "
      "baselines in the same run; results to benchmarks/results-style JSON + Markdown (one file per "
      "device and date), tables printed, plots with --plot. --quick: tiny sizes (CI)."),
+    ("study", "midus.study", "which memory training recipe makes the memory learn: learning curves and memory health",
+     "Train the up-scaled default model under a grid of memory recipes (memory LR, schedule, clipping, query "
+     "norm, learned temperature) and baselines with the same budget and seeds; dev perplexity curves, test "
+     "perplexity and memory health; the recipe is chosen on dev. Writes runs/, study.json, study.md and study.png; "
+     "an interrupted study resumes."),
     ("compare", "midus.compare", "compare up-scaling methods under the same CPT budget (paper section 4, small scale)",
      "Up-scale the model with each method (same K), give each the same continued pre-training, and "
      "tabulate parameters added, training s/step, peak memory, validation perplexity and zero-shot "

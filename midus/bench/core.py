@@ -22,7 +22,6 @@ Peak memory, in MiB, of one extra run after the timed ones:
 """
 from __future__ import annotations
 
-import ctypes
 import datetime
 import gc
 import json
@@ -87,73 +86,8 @@ def time_ms(fn: Callable[[], Any], reps: int = 20, warmup: int = 3, device: str 
 
 # ----------------------------------------------------------------------------- memory
 
-_MALLOC_PINNED = False
-
-
-def _pin_malloc() -> None:
-    """Pin glibc's mmap threshold (M_MMAP_THRESHOLD = -3) at 64 KiB: freed tensors leave the RSS."""
-    global _MALLOC_PINNED
-    if _MALLOC_PINNED:
-        return
-    _MALLOC_PINNED = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)
-        libc.malloc_trim(0)
-    except OSError:  # not glibc: the measure is still right, only coarser
-        pass
-
-
-def _proc_status_kib(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory(fn: Callable[[], Any], device: str) -> Dict[str, Any]:
-    """Run ``fn()`` once; return ``peak_extra_mib`` (peak above the memory held before the call),
-    ``held_mib`` (held before the call) and ``memory_method``. (Tensors are freed by reference
-    counting; no gc.collect here, it costs more than most of the calls measured.)"""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        return {"peak_extra_mib": (peak - before) / MiB, "held_mib": before / MiB,
-                "memory_method": "torch.cuda.max_memory_allocated"}
-    import resource
-
-    _pin_malloc()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    rss0 = _proc_status_kib("VmRSS")
-    if rss0 is not None and _reset_hwm():
-        fn()
-        hwm = _proc_status_kib("VmHWM") or rss0
-        return {"peak_extra_mib": max(hwm - rss0, 0) / 1024, "held_mib": rss0 / 1024,
-                "memory_method": "VmHWM - VmRSS (clear_refs)"}
-    max0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    max1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_extra_mib": (max1 - max0) / 1024, "held_mib": None,
-            "memory_method": "ru_maxrss growth (a lower bound)"}
+# One peak-memory measurement for the suite and midus compare/study (midus.runtime).
+from midus.runtime import peak_memory  # noqa: E402
 
 
 def tensor_mib(*modules_or_tensors) -> float:
@@ -371,7 +305,9 @@ class Context:
                 recs[name]["time_ms"] = _summary(t, self.warmup)
                 if memory:
                     try:
-                        recs[name].update(peak_memory(live[name], self.device))
+                        mem = peak_memory(live[name], self.device)
+                        mem.pop("result")
+                        recs[name].update(mem)
                         recs[name]["peak_mib"] = recs[name]["peak_extra_mib"] + impls[name].param_mib
                     except Exception as e:
                         recs[name]["memory_error"] = _err(e)
