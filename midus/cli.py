@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
@@ -45,7 +46,6 @@ def _log(msg: str) -> None:
 
 # Shared with the other commands and the pipeline (midus.runtime); the old private names stay
 # importable from here.
-from .runtime import MODEL_FILE_PATTERNS as _MODEL_FILE_PATTERNS  # noqa: E402
 from .runtime import atomic_output_dir, load_model  # noqa: E402
 from .runtime import check_output as _check_output  # noqa: E402
 from .runtime import count_parameters as _count  # noqa: E402
@@ -90,16 +90,20 @@ def _memory_options(args) -> dict:
 _LESA_FLAGS = {"lesa_rank": "rank", "lesa_epochs": "epochs", "lesa_last": "last"}
 
 
-def _upscale(base, args):
-    import midus
-
+def _upscale_options(args) -> dict:
     opts = _memory_options(args)  # given with another method: upscale's TypeError says so
     given = [flag for flag in _LESA_FLAGS if getattr(args, flag, None) is not None]
     if given and args.method != "lesa":
         raise CLIError(f"--{given[0].replace('_', '-')}: LESA options apply to --method lesa, got --method {args.method}")
     opts.update({_LESA_FLAGS[flag]: getattr(args, flag) for flag in given})
+    return opts
+
+
+def _upscale(base, args):
+    import midus
+
     return midus.upscale(base, args.method, num_blocks=args.num_blocks, placement=_parse_placement(args.placement),
-                         **opts)
+                         **_upscale_options(args))
 
 
 def _eval_split(data: str, split: Optional[str]) -> str:
@@ -132,12 +136,12 @@ def _train_data(args, tokenizer, seq_len):
 
 
 def _train_config(args, **extra):
-    from .train import TrainConfig
+    from .train import TrainConfig, recipe_from_args
 
     return TrainConfig(max_steps=args.steps, micro_batch_size=args.batch_size, grad_accum=args.grad_accum,
                        lr=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
                        max_grad_norm=args.max_grad_norm, trainable=args.trainable, seed=args.seed,
-                       precision=args.precision, progress=not args.no_progress, **extra)
+                       precision=args.precision, progress=not args.no_progress, **recipe_from_args(args), **extra)
 
 
 def cmd_train(args) -> int:
@@ -268,68 +272,64 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    import torch
-
-    from .data import load_corpus, pack_sequences
-    from .train import train
+    from .pipeline import Experiment, run_experiment
+    from .train import memory_start_lr
 
     if args.output:
         _check_output(args.output)
     t_all = time.time()
-    device = _device()
-    torch.manual_seed(args.seed)
-    base, tokenizer, path = load_model(args.model, device)
-    t_ready = time.time()
-    train_seqs = pack_sequences(load_corpus(args.data, tokenizer, split="train", val_fraction=args.val_fraction),
-                                args.seq_len)
-    val_ids = load_corpus(args.data, tokenizer, split="val", val_fraction=args.val_fraction, max_tokens=args.eval_tokens)
-    _log(f"model {path}; data {args.data}: {train_seqs.numel():,} train tokens, {val_ids.numel():,} eval tokens; "
-         f"device {device}")
-
-    ppl_base = _ppl(base, val_ids, args, device)
-    _log(f"base perplexity {ppl_base.ppl:.3f}")
-    model = _upscale(base, args).to(device)
-    n_base, n_up = _count(base), _count(model)
-    del base
-    ppl_before = _ppl(model, val_ids, args, device)
-    _log(f"up-scaled perplexity before training {ppl_before.ppl:.3f}")
-    # Training gets what is left of --time-budget after the last evaluation (timed like the one
-    # just run), so the whole command stays bounded on a slow or busy machine.
-    budget = 0.0
-    if args.time_budget > 0:
-        budget = max(30.0, args.time_budget - (time.time() - t_all) - 1.2 * ppl_before.seconds - 10.0)
-    cfg = _train_config(args, max_seconds=budget)
-    result = train(model, train_seqs, cfg)
-    ppl_after = _ppl(model, val_ids, args, device)
+    started = _since_process_start() or 0.0
+    cfg = _train_config(args)
+    exp = Experiment(model=args.model, data=args.data, val_fraction=args.val_fraction, method=args.method,
+                     num_blocks=args.num_blocks, placement=_parse_placement(args.placement),
+                     upscale_options=_upscale_options(args), train={**asdict(cfg)}, seq_len=args.seq_len,
+                     eval_splits=("val",), eval_tokens=args.eval_tokens, window=args.window, stride=args.stride,
+                     eval_batch_size=args.eval_batch_size, eval_base=True, eval_before=True,
+                     health=args.method == "midus", health_split="val", health_tokens=args.health_tokens,
+                     time_budget=max(0.0, args.time_budget - started) if args.time_budget > 0 else 0.0,
+                     seed=args.seed, progress=not args.no_progress)
+    row = run_experiment(exp, log=_log, keep_model=bool(args.output))
     if args.output:
+        model, tokenizer = row.pop("_model"), row.pop("_tokenizer")
         with atomic_output_dir(args.output) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     wall = _since_process_start() or time.time() - t_all
+    n_base, n_up = row["params_base"], row["params"]
+    ppl_base, ppl_before, ppl_after = row["ppl_base"]["val"], row["ppl_before"]["val"], row["ppl"]["val"]
 
     method = f"{args.method}, K={args.num_blocks}"
     print()
-    print(f"midus run: {Path(path).name} on {args.data} (val: {ppl_base.tokens:,} tokens, window {args.window}, "
-          f"stride {args.stride or args.window // 2}); device {device}")
+    print(f"midus run: {Path(row['model_path']).name} on {args.data} (val: {row['eval_tokens']['val']:,} tokens, window "
+          f"{args.window}, stride {args.stride or args.window // 2}); device {row['device']}")
     _print_table(["model", "parameters", "val perplexity"], [
-        ["base", f"{n_base:,}", f"{ppl_base.ppl:.3f}"],
-        [f"up-scaled ({method}), before CPT", f"{n_up:,}", f"{ppl_before.ppl:.3f}"],
-        [f"up-scaled ({method}), after CPT", f"{n_up:,}", f"{ppl_after.ppl:.3f}"],
+        ["base", f"{n_base:,}", f"{ppl_base:.3f}"],
+        [f"up-scaled ({method}), before CPT", f"{n_up:,}", f"{ppl_before:.3f}"],
+        [f"up-scaled ({method}), after CPT", f"{n_up:,}", f"{ppl_after:.3f}"],
     ])
-    stopped = f" (stopped early by --time-budget {args.time_budget:g} s)" if result.steps < args.steps else ""
+    stopped = f" (stopped early by --time-budget {args.time_budget:g} s)" if row["stopped_early"] else ""
     print(f"parameters added: {n_up - n_base:,} ({100.0 * (n_up - n_base) / n_base:.2f}% of base); "
-          f"trainable: {result.trainable} ({result.trainable_params:,})")
-    print(f"CPT: {result.steps} steps{stopped} x {args.batch_size * args.grad_accum} x {args.seq_len} tokens = "
-          f"{result.tokens:,} tokens in {result.seconds:.1f} s: {result.tokens_per_s:.1f} train tokens/s")
-    print(f"wall time: {wall:.1f} s since the command started (model load {t_ready - t_all:.1f} s, evals "
-          f"{ppl_base.seconds + ppl_before.seconds + ppl_after.seconds:.1f} s, training {result.seconds:.1f} s)")
+          f"trainable: {row['trainable']} ({row['trainable_params']:,})")
+    print(f"CPT: {row['train_steps']} steps{stopped} x {args.batch_size * args.grad_accum} x {args.seq_len} tokens = "
+          f"{row['train_tokens']:,} tokens in {row['train_s']:.1f} s: {row['tokens_per_s']:.1f} train tokens/s; "
+          f"peak LR {cfg.lr:g}, memory keys/values from {memory_start_lr(cfg):g} ({cfg.memory_lr_schedule})")
+    h = row.get("health")
+    if h:
+        print(f"memory health ({h['tokens']:,} val tokens): top-k weight entropy {h['weight_entropy']:.2f} of "
+              f"ln k = {h['max_entropy']:.2f} ({h['entropy_ratio']:.0%}; 100% = the k slots weighed alike); "
+              f"{h['slot_usage']:.0%} of the slots read; learned retrieval beats random slots by "
+              f"{h['retrieval_gain']:.3f} nats")
+    print(f"wall time: {wall:.1f} s since the command started (model load {row['load_s']:.1f} s, evals "
+          f"{row['eval_s']:.1f} s, memory health {h['seconds'] if h else 0.0:.1f} s, training {row['train_s']:.1f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "model": path, "method": args.method, "num_blocks": args.num_blocks, "device": str(device),
+            "model": row["model_path"], "method": args.method, "num_blocks": args.num_blocks, "device": row["device"],
             "params_base": n_base, "params_upscaled": n_up, "params_added": n_up - n_base,
-            "ppl_base": ppl_base.ppl, "ppl_before": ppl_before.ppl, "ppl_after": ppl_after.ppl,
-            "eval_tokens": ppl_base.tokens, "train_steps": result.steps, "train_tokens": result.tokens,
-            "train_tokens_per_s": result.tokens_per_s, "losses": result.losses, "wall_s": wall}, indent=2))
+            "ppl_base": ppl_base, "ppl_before": ppl_before, "ppl_after": ppl_after,
+            "eval_tokens": row["eval_tokens"]["val"], "train_steps": row["train_steps"],
+            "train_tokens": row["train_tokens"], "train_tokens_per_s": row["tokens_per_s"], "losses": row["losses"],
+            "stopped_early": row["stopped_early"], "lr": cfg.lr, "recipe": row["recipe"],
+            "memory_options": row.get("memory_options"), "memory_health": h, "wall_s": wall}, indent=2))
     return 0
 
 
@@ -392,7 +392,7 @@ def _add_train_args(p, steps: int, seq_len: int, batch: int, lr: float, warmup: 
                    help=f"sequences per process per micro-step (default: {batch})")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default: 1)")
     g.add_argument("--lr", type=float, default=lr,
-                   help=f"peak LR; memory keys/values keep it constant (default: {lr})")
+                   help=f"peak LR of everything but the memory keys/values (their recipe: below) (default: {lr})")
     g.add_argument("--warmup", type=int, default=warmup, help=f"warm-up steps (default: {warmup})")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: 1.0)")
@@ -401,6 +401,9 @@ def _add_train_args(p, steps: int, seq_len: int, batch: int, lr: float, warmup: 
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU (default: auto)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order and RNG (default: 0)")
+    from .train import add_recipe_arguments
+
+    add_recipe_arguments(p)
 
 
 def _add_eval_args(p, window: int, batch: int) -> None:
@@ -476,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for the whole command: training stops early if the remaining steps would not "
                         "fit (announced in the output); 0 = no limit (default: 600)")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--health-tokens", type=int, default=1024,
+                   help="validation tokens for the memory health line after CPT (default: 1024)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_data_args(p, None)
     _add_upscale_args(p, False)

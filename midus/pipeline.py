@@ -74,7 +74,8 @@ def run_experiment(exp: Experiment, log: Callable[[str], None] = _log, keep_mode
     """Run ``exp`` in this process and return its result row (a JSON-serialisable dict):
 
     ``method``, ``params``, ``params_base``, ``params_added``, ``layers``, ``device``, ``setup_s``;
-    ``ppl`` {split: perplexity after training}, ``eval_tokens`` {split: tokens scored};
+    ``ppl`` {split: perplexity after training}, ``eval_tokens`` {split: tokens scored}, ``eval_s``
+    (seconds of all perplexity evaluations), ``load_s``;
     ``ppl_base`` / ``ppl_before`` (when asked); with training ``train_steps``, ``train_tokens``,
     ``train_s``, ``s_per_step``, ``tokens_per_s``, ``trainable``, ``trainable_params``,
     ``final_loss``, ``losses``, ``peak_memory_mib``, ``peak_memory_kind``, ``stopped_early``,
@@ -105,12 +106,16 @@ def run_experiment(exp: Experiment, log: Callable[[str], None] = _log, keep_mode
                                         max_tokens=tokens)
         return eval_ids[key]
 
+    eval_s = [0.0]
+
     def ppl(model, split: str):
-        return perplexity(model, ids_of(split, exp.eval_tokens), window=exp.window, stride=exp.stride,
-                          batch_size=exp.eval_batch_size, device=device, autocast_dtype=autocast)
+        r = perplexity(model, ids_of(split, exp.eval_tokens), window=exp.window, stride=exp.stride,
+                       batch_size=exp.eval_batch_size, device=device, autocast_dtype=autocast)
+        eval_s[0] += r.seconds
+        return r
 
     row: Dict[str, Any] = {"method": exp.method or "base", "model_path": path, "device": str(device),
-                           "seed": exp.seed}
+                           "seed": exp.seed, "load_s": time.time() - t0}
     n_base = count_parameters(base)
     if exp.eval_base:
         r = ppl(base, exp.eval_splits[0])
@@ -124,6 +129,9 @@ def run_experiment(exp: Experiment, log: Callable[[str], None] = _log, keep_mode
         model = base
     row.update(params=count_parameters(model), params_base=n_base, params_added=count_parameters(model) - n_base,
                layers=int(model.config.get_text_config().num_hidden_layers), setup_s=time.time() - t0)
+    record = getattr(model.config, "midus_upscale", None) or {}
+    if record.get("memory_options"):
+        row["memory_options"] = record["memory_options"]
     last_eval_s = 0.0
     if exp.eval_before:
         r = ppl(model, exp.eval_splits[0])
@@ -183,6 +191,7 @@ def run_experiment(exp: Experiment, log: Callable[[str], None] = _log, keep_mode
                                               limit=exp.limit or None, device=device, autocast_dtype=autocast,
                                               progress=exp.progress)
         row["zero_shot_s"] = time.time() - t1
+    row["eval_s"] = eval_s[0]
     row["wall_s"] = time.time() - t0
     if keep_model:
         row["_model"], row["_tokenizer"] = model, tokenizer

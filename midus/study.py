@@ -106,7 +106,7 @@ def _experiment(cfg: Dict[str, Any], run: Dict[str, Any]):
     train = {"max_steps": cfg["steps"], "micro_batch_size": cfg["batch_size"], "lr": cfg["lr"],
              "warmup_steps": cfg["warmup"], "trainable": "new"}
     if run["kind"] == "recipe":
-        recipe = RECIPES[run["name"]]
+        recipe = (cfg.get("recipe_defs") or RECIPES)[run["name"]]
         method, options = "midus", dict(recipe["memory"])
         train.update(recipe["train"])
     else:
@@ -127,6 +127,8 @@ def study(cfg: Dict[str, Any], output: str, log=print) -> Dict[str, Any]:
     """Run every (recipe or baseline, seed) of ``cfg`` not yet in ``output``/runs, ``jobs`` worker
     processes at a time, then write the report. Returns the report dict (:func:`report`)."""
     _check(cfg)
+    # The definitions travel with the runs: the results say what each name meant.
+    cfg = {**cfg, "recipe_defs": {name: RECIPES[name] for name in cfg["recipes"]}}
     out = Path(output).expanduser()
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "study_config.json").write_text(json.dumps(cfg, indent=2))
@@ -191,7 +193,7 @@ def _spread(xs: Sequence[float]) -> float:
     return (max(xs) - min(xs)) / 2 if len(xs) > 1 else 0.0
 
 
-def _summarise(rows: List[dict]) -> List[dict]:
+def _summarise(rows: List[dict], defs: Dict[str, dict]) -> List[dict]:
     by_name: Dict[str, List[dict]] = {}
     for r in rows:
         by_name.setdefault(r["name"], []).append(r)
@@ -202,8 +204,8 @@ def _summarise(rows: List[dict]) -> List[dict]:
         curve = [{"step": s, "ppl": _mean([r["curve"][i]["ppl"] for r in rs]),
                   "spread": _spread([r["curve"][i]["ppl"] for r in rs])} for i, s in enumerate(steps)]
         s = {"name": name, "kind": rs[0]["kind"], "seeds": [r["seed"] for r in rs], "curve": curve,
-             "label": RECIPES[name]["label"] if name in RECIPES else f"baseline: {name}",
-             "source": RECIPES.get(name, {}).get("source", ""), "params_added": rs[0]["params_added"],
+             "label": defs[name]["label"] if name in defs else f"baseline: {name}",
+             "source": defs.get(name, {}).get("source", ""), "params_added": rs[0]["params_added"],
              "s_per_step": _mean([r["s_per_step"] for r in rs])}
         for split in ("dev", "test"):
             vals = [r["ppl"][split] for r in rs]
@@ -223,7 +225,7 @@ def report(output: str) -> Dict[str, Any]:
     if not rows:
         raise ValueError(f"--output: no finished runs in {out / 'runs'}")
     cfg = json.loads((out / "study_config.json").read_text()) if (out / "study_config.json").exists() else {}
-    summary = _summarise(rows)
+    summary = _summarise(rows, {**RECIPES, **cfg.get("recipe_defs", {})})
     recipes = [s for s in summary if s["kind"] == "recipe"]
     chosen = min(recipes, key=lambda s: s["dev_ppl"])["name"] if recipes else None
     base = rows[0].get("curve", [{}])[0].get("ppl")

@@ -40,7 +40,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DistributedSampler
 
 __all__ = ["TrainConfig", "TrainResult", "train", "resolve_trainable", "build_param_groups", "build_optimizer",
-           "build_scheduler", "init_distributed", "dist_info", "latest_checkpoint", "MEMORY_LR_SCHEDULES"]
+           "build_scheduler", "init_distributed", "dist_info", "latest_checkpoint", "MEMORY_LR_SCHEDULES",
+           "RECIPE_FIELDS", "add_recipe_arguments", "recipe_from_args", "recipe_of"]
 
 # Methods whose default is to train only the inserted blocks (spec 3.4, [project] defaults).
 _NEW_BY_DEFAULT = ("midus", "llama_pro")
@@ -532,6 +533,34 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None,
                                 "tokens": tokens_before + result.tokens, "trainable": trainable}
     model.eval()
     return result
+
+
+RECIPE_FIELDS = ("memory_lr", "memory_lr_scale", "memory_lr_schedule", "memory_lr_decay_steps", "memory_max_grad_norm")
+
+
+def add_recipe_arguments(parser) -> None:
+    """The command-line flags of the memory recipe (``midus train``, ``run``, ``compare``): each
+    defaults to None, meaning :class:`TrainConfig`'s default, so defaults live in one place."""
+    d = TrainConfig()
+    g = parser.add_argument_group("memory recipe (the memory keys/values: subkeys, bank, proj / values; "
+                                  "defaults from midus.train.TrainConfig)")
+    g.add_argument("--memory-lr", type=float, default=None,
+                   help="absolute start LR of the memory keys/values (default: --memory-lr-scale x the peak LR)")
+    g.add_argument("--memory-lr-scale", type=float, default=None,
+                   help=f"memory start LR as a multiple of the peak LR (default: {d.memory_lr_scale:g})")
+    g.add_argument("--memory-lr-schedule", choices=MEMORY_LR_SCHEDULES, default=None,
+                   help="constant, decay (linearly to the peak LR over --memory-lr-decay-steps) or cosine "
+                        f"(warm-up + cosine like the rest) (default: {d.memory_lr_schedule})")
+    g.add_argument("--memory-lr-decay-steps", type=int, default=None,
+                   help="steps of the decay to the peak LR; 0 = all steps (default: 0)")
+    g.add_argument("--memory-max-grad-norm", type=float, default=None,
+                   help="clip the memory keys/values on their own to this norm; 0 = clipped with the rest "
+                        f"(default: {d.memory_max_grad_norm:g})")
+
+
+def recipe_from_args(args) -> Dict[str, object]:
+    """The memory-recipe fields given on the command line (those left at None are omitted)."""
+    return {f: getattr(args, f) for f in RECIPE_FIELDS if getattr(args, f, None) is not None}
 
 
 def recipe_of(cfg: TrainConfig) -> Dict[str, object]:
