@@ -147,6 +147,11 @@ class MidusConfig(_BaseConfig):
         self.midus_upscale = midus_upscale
         # Tying is decided on the outer config; the base family decides it in its own config.
         kwargs["tie_word_embeddings"] = bool(getattr(text_config, "tie_word_embeddings", False))
+        # The base's attention implementation (e.g. "eager" for output_attentions) is the model's:
+        # without it the base config's __init__ sets None on every sub-config (transformers 5), and
+        # the model then picks its default ("sdpa").
+        if kwargs.get("attn_implementation") is None:
+            kwargs["attn_implementation"] = getattr(text_config, "_attn_implementation_internal", None)
         super().__init__(**kwargs)
         L = text_config.num_hidden_layers
         bad = [p for p in self.memory_positions if not 0 <= p < L]
