@@ -43,6 +43,7 @@ except ImportError:  # transformers 4.x
 
 try:  # transformers' import check skips try blocks, so the error below is the one users see
     from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory
+    from midus_ops.layers import _UsageStats
 except ImportError as _err:
     raise ImportError("this MIDUS model needs the `midus_ops` memory layers, which the `midus` package provides: "
                       "install it from its repository with `pip install --no-build-isolation .` "
@@ -226,6 +227,22 @@ class MidusMemoryBlock(GradientCheckpointingLayer):
         return hidden_states + r
 
 
+@torch.no_grad()
+def _init_memory_weights(module: nn.Module) -> None:
+    """The memory layers' part of ``_init_weights``, which transformers calls on every module after
+    ``from_pretrained`` (and ``post_init``): the usage statistics are non-persistent buffers, never
+    in a checkpoint, which transformers 5 allocates uninitialised (``empty_like``); they start at
+    zero. A memory parameter missing from the checkpoint gets the layer's own init (zero bank /
+    values); loaded ones are left alone (transformers 5 guards ``nn.init`` with their loaded flag).
+    The statistics module is handled on its own too: remote-code loading skips a module whose own
+    parameters all loaded, so the layer may not be visited."""
+    if isinstance(module, (HeadwiseMemoryLayer, ProductKeyMemory)):
+        module.reset_parameters()
+        module.reset_memory_stats()
+    elif isinstance(module, _UsageStats):
+        module.reset()
+
+
 _STACK_CLASSES: Dict[str, type] = {}
 
 
@@ -238,7 +255,13 @@ def _stack_model_class(model_type: str) -> type:
     """
     if model_type not in _STACK_CLASSES:
         fam = family_classes(model_type)
-        attrs = {"__module__": __name__}
+        family_init = fam.Model._init_weights
+
+        def _init_weights(self, module):
+            family_init(self, module)
+            _init_memory_weights(module)
+
+        attrs = {"__module__": __name__, "_init_weights": _init_weights}
         record = dict(getattr(fam.Model, "_can_record_outputs", None) or {})
         if "hidden_states" in record:
             layers = record["hidden_states"]
@@ -260,6 +283,10 @@ class MidusPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        _init_memory_weights(module)
 
 
 def _apply_can_return_tuple(fn):

@@ -53,3 +53,88 @@ def test_upscale_keeps_the_attention_implementation(variant, impl, tmp_path):
     new.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl)
     assert loaded.config.get_text_config()._attn_implementation == impl
+
+
+# ------------------------------------------------------------------ usage statistics after loading (item 2)
+
+@pytest.mark.parametrize("device_map", [None, "cpu"])
+@pytest.mark.parametrize("variant", MIDUS_VARIANTS)
+def test_usage_statistics_are_empty_after_from_pretrained(variant, device_map, tmp_path):
+    """transformers #25555 kind: non-persistent buffers are not in the checkpoint, and
+    from_pretrained allocates them empty (uninitialised memory: tokens like 4.7e-310, NaN counts).
+    They must start at zero, and count the tokens of a forward exactly."""
+    new = up(tiny("llama"), variant)
+    perturb_zero_init(new)
+    for layer in memory_layers(new):  # statistics the saved model had must not come back either
+        layer.stats.slot_counts.fill_(7.0)
+        layer.stats.tokens.fill_(3.0)
+    new.save_pretrained(tmp_path)
+    for _ in range(3):  # fresh allocations each time: garbage differs from run to run
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=device_map).eval()
+        layers = memory_layers(loaded)
+        assert len(layers) == 2
+        for layer in layers:
+            for name, buf in layer.stats.named_buffers():
+                assert torch.equal(buf, torch.zeros_like(buf)), (name, buf)
+            s = layer.memory_stats()
+            assert s["tokens"].item() == 0
+            assert torch.isnan(s["weight_entropy"]).all() and torch.isnan(s["kl_from_uniform"]).all()
+        with torch.no_grad():
+            loaded(token_ids(2, 10))
+        for layer in layers:
+            s = layer.memory_stats()
+            assert s["tokens"].item() == 20
+            assert torch.isfinite(s["weight_entropy"]).all() and (s["weight_entropy"] > 0).all()
+            assert (s["weight_entropy"] <= torch.log(torch.tensor(float(layer.k))) + 1e-9).all()
+            assert layer.stats.slot_counts.sum().item() == 20 * layer.num_heads * layer.k
+
+
+def test_memory_parameter_missing_from_the_checkpoint_gets_the_layers_init(tmp_path):
+    """A memory parameter absent from the checkpoint is allocated empty by from_pretrained: it must
+    get the layer's own init (bank = 0, so the block is the identity), not uninitialised memory,
+    while every loaded parameter keeps its saved value."""
+    from safetensors.torch import load_file, save_file
+
+    new = up(tiny("llama"), "midus-hml")
+    perturb_zero_init(new)
+    new.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = "model.layers.2.memory.bank"
+    del weights[dropped]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["missing_keys"]) == {dropped}
+    sd = loaded.state_dict()
+    assert torch.equal(sd[dropped], torch.zeros_like(sd[dropped]))
+    for key, value in weights.items():
+        assert torch.equal(sd[key], value), key
+
+
+_REMOTE_STATS = r"""
+import json, sys, torch, warnings
+warnings.filterwarnings("ignore")
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+bufs = [b for n, b in m.named_buffers() if ".memory.stats." in n]
+print("RESULT" + json.dumps(dict(n=len(bufs), zero=all(bool((b == 0).all()) for b in bufs),
+                                 cls=type(m).__module__)))
+"""
+
+
+def test_usage_statistics_are_empty_after_remote_code_loading(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    new = up(tiny("llama"), "midus-hml-copy")
+    new.save_pretrained(tmp_path / "model")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(midus.__file__)))
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, "-c", _REMOTE_STATS, str(tmp_path / "model")], capture_output=True,
+                          text=True, env=env, cwd=str(tmp_path), timeout=300)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert proc.returncode == 0 and line, proc.stderr[-4000:]
+    out = json.loads(line[0][len("RESULT"):])
+    assert out["cls"].startswith("transformers_modules.") and out["n"] == 2 * 3 and out["zero"], out
