@@ -166,6 +166,39 @@ class MidusConfig(_BaseConfig):
         return {key: getattr(self, key) for key in MEMORY_DEFAULTS}
 
 
+def _no_output_projection(attn_output: torch.Tensor) -> torch.Tensor:
+    return attn_output
+
+
+_HEADS_ATTENTION_CLASSES: Dict[str, type] = {}
+
+
+def _heads_attention_class(model_type: str) -> type:
+    """The family's attention class without its output projection (``o_proj``), for HML blocks.
+
+    Same ``__init__``, parameter names and ``forward`` as the family's class (RoPE, GQA, q/k norms,
+    every attention kernel, the cache), whose forward then returns the heads' outputs
+    ``concat_h o_h`` [B, T, H * d_h] in head-major order. The instance has no ``o_proj``
+    submodule: tools that find modules by name (PEFT LoRA with the usual targets
+    ``q_proj, k_proj, v_proj, o_proj``) must not find a non-Linear one there (an ``nn.Identity``
+    did, and PEFT refused it). The ``o_proj`` the family's ``__init__`` builds is taken out by
+    :class:`MidusMemoryBlock` (kept as ``out_proj`` with out_proj="copy").
+    """
+    if model_type not in _HEADS_ATTENTION_CLASSES:
+        fam = family_classes(model_type)
+        name = f"Midus{SUPPORTED_FAMILIES[model_type]}HeadsAttention"
+        # A property on the class wins over the submodule the family's __init__ registers under the
+        # same name (nn.Module looks submodules up only when normal attribute lookup fails), so
+        # the family's forward calls the identity.
+        attrs = {"__module__": __name__, "__doc__": _heads_attention_class.__doc__,
+                 "o_proj": property(lambda self: _no_output_projection,
+                                    doc="No output projection: the identity (a function, not a module).")}
+        cls = type(name, (fam.Attention,), attrs)
+        globals()[name] = cls  # reachable by name, so that pickling a model (torch.save) finds it
+        _HEADS_ATTENTION_CLASSES[model_type] = cls
+    return _HEADS_ATTENTION_CLASSES[model_type]
+
+
 class MidusMemoryBlock(GradientCheckpointingLayer):
     """One MIDUS memory block at position ``layer_idx`` of the stack (spec 3.1).
 
@@ -181,7 +214,8 @@ class MidusMemoryBlock(GradientCheckpointingLayer):
         M(x) = x + PKM(a)
 
     The attention is the family's own class (RoPE, GQA, q/k norms, sdpa/eager/flash, sliding
-    window from ``config.layer_types``), with its own ``layer_idx`` and so its own KV-cache slot.
+    window from ``config.layer_types``), with its own ``layer_idx`` and so its own KV-cache slot;
+    for HML a subclass without ``o_proj`` (:func:`_heads_attention_class`).
     No FFN. With a zero bank (HML) or zero values (PKM) the block is exactly the identity.
 
     Input and output: hidden states [B, T, d], dtype of the model.
@@ -197,15 +231,15 @@ class MidusMemoryBlock(GradientCheckpointingLayer):
         layer_types = getattr(config, "layer_types", None)
         self.attention_type = layer_types[layer_idx] if layer_types else "full_attention"
         self.input_layernorm = fam.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = fam.Attention(config=config, layer_idx=layer_idx)
+        attention = _heads_attention_class(config.model_type) if self.memory_kind == "hml" else fam.Attention
+        self.self_attn = attention(config=config, layer_idx=layer_idx)
         self.num_heads = config.num_attention_heads
         self.head_dim = self.self_attn.head_dim
         self.out_proj = None
         if self.memory_kind == "hml":
+            o_proj = self.self_attn._modules.pop("o_proj")  # the family's o_proj (bias or not)
             if opts["out_proj"] == "copy":
-                self.out_proj = self.self_attn.o_proj  # the family's o_proj (bias or not), moved out
-            # Identity: the attention then returns concat_h o_h [B, T, H*d_h] in head-major order.
-            self.self_attn.o_proj = nn.Identity()
+                self.out_proj = o_proj
             self.memory = HeadwiseMemoryLayer(self.num_heads, self.head_dim, n=opts["n"], k=opts["k"],
                                               d_z=opts["d_z"], tau=opts["tau"], query_norm=opts["query_norm"])
         else:
@@ -268,7 +302,8 @@ def _stack_model_class(model_type: str) -> type:
             layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
             record["hidden_states"] = layers + [MidusMemoryBlock]
             attrs["_can_record_outputs"] = record
-        _STACK_CLASSES[model_type] = type(f"Midus{SUPPORTED_FAMILIES[model_type]}Model", (fam.Model,), attrs)
+        name = f"Midus{SUPPORTED_FAMILIES[model_type]}Model"
+        _STACK_CLASSES[model_type] = globals()[name] = type(name, (fam.Model,), attrs)  # globals: see above
     return _STACK_CLASSES[model_type]
 
 

@@ -138,3 +138,84 @@ def test_usage_statistics_are_empty_after_remote_code_loading(tmp_path):
     assert proc.returncode == 0 and line, proc.stderr[-4000:]
     out = json.loads(line[0][len("RESULT"):])
     assert out["cls"].startswith("transformers_modules.") and out["n"] == 2 * 3 and out["zero"], out
+
+
+# ------------------------------------------------------------------ PEFT LoRA (item 3)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # what most fine-tuning recipes use
+LORA_VARIANTS = dict(VARIANTS, lesa=("lesa", dict(rank=4, hidden=8, epochs=1)))
+
+
+@pytest.mark.parametrize("variant", list(LORA_VARIANTS))
+def test_peft_lora_with_the_usual_targets(variant, tmp_path):
+    """LlamaFactory #5640 kind: LoRA on q/k/v/o_proj must apply to every method's model (the HML
+    block's attention had o_proj = nn.Identity(), which PEFT refuses), reach the memory blocks'
+    q/k/v projections, and merge, save and reload to the same logits."""
+    import peft  # in the test extras (setup.py): missing, this fails rather than skips
+    from midus import upscale
+
+    method, opts = LORA_VARIANTS[variant]
+    new = upscale(tiny("llama"), method, 2, **opts).eval()
+    perturb_zero_init(new)
+    new.save_pretrained(tmp_path / "base")
+    names = {n for n, _ in new.named_modules()}
+    ids = token_ids()
+    with torch.no_grad():
+        before = new(ids).logits
+
+    # init_lora_weights=False: random B as well as A, so the adapters change the logits
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                             init_lora_weights=False)
+    model = peft.get_peft_model(new, config).eval()
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith(".lora_A")}
+    wanted = {"base_model.model." + n for n in names if n.rsplit(".", 1)[-1] in LORA_TARGETS}
+    assert adapted == wanted
+    for p in new.config.midus_upscale["inserted_positions"]:  # the new blocks are adapted too
+        assert f"base_model.model.model.layers.{p}.self_attn.q_proj" in adapted
+    with torch.no_grad():
+        lora = model(ids).logits
+    assert not torch.allclose(lora, before, atol=1e-4)
+
+    model.save_pretrained(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, lora)
+
+    merged = model.merge_and_unload().eval()
+    assert {n for n, _ in merged.named_modules()} == names
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, lora, rtol=1e-4, atol=1e-5)
+    merged.save_pretrained(tmp_path / "merged")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(again) is type(new)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, lora, rtol=1e-4, atol=1e-5)
+
+
+def test_hml_block_attention_has_no_output_projection_module():
+    """The HML block's attention is the family's class without o_proj: nothing named o_proj in the
+    block, while the parameter names stay model.layers.{p}.self_attn.{q,k,v}_proj.* and the
+    attention still returns the heads' outputs, concatenated (head-major)."""
+    base = tiny("qwen3")
+    for variant in ("midus-hml", "midus-hml-copy"):
+        new = up(base, variant)
+        for p in new.config.memory_positions:
+            block = new.model.layers[p]
+            assert not any(n.endswith("o_proj") for n, _ in block.named_modules())
+            assert isinstance(block.self_attn, type(base.model.layers[0].self_attn))
+            assert {n.split(".")[0] for n, _ in block.self_attn.named_parameters()} == {
+                "q_proj", "k_proj", "v_proj", "q_norm", "k_norm"}
+            assert (block.out_proj is not None) == (variant == "midus-hml-copy")
+
+
+@pytest.mark.parametrize("variant", MIDUS_VARIANTS)
+def test_whole_model_pickles(variant, tmp_path):
+    """torch.save(model) pickles classes by name: the per-family classes modeling_midus makes
+    (the stack model, the HML block's attention) must be reachable in their module."""
+    new = up(tiny("mistral"), variant)
+    perturb_zero_init(new)
+    torch.save(new, tmp_path / "model.pt")
+    again = torch.load(tmp_path / "model.pt", weights_only=False).eval()
+    with torch.no_grad():
+        assert torch.equal(again(token_ids()).logits, new(token_ids()).logits)
