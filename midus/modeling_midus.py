@@ -172,6 +172,22 @@ def _no_output_projection(attn_output: torch.Tensor) -> torch.Tensor:
 
 _HEADS_ATTENTION_CLASSES: Dict[str, type] = {}
 
+# Keyword by which MidusForCausalLM hands the memory blocks the padding mask [B, T] (through the
+# family model and its layers, which pass unknown keywords on, as they do for the attention kernels).
+MIDUS_TOKEN_MASK = "midus_token_mask"
+
+
+def _token_mask(attention_mask, input_ids, inputs_embeds) -> Optional[torch.Tensor]:
+    """[B, T] True at the real tokens of this call, from a 2-D padding mask [B, past + T] (as
+    generate passes it, the current tokens last); None for no mask or a 4-D/custom one."""
+    ref = input_ids if input_ids is not None else inputs_embeds
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or ref is None:
+        return None
+    T = ref.shape[1]
+    if attention_mask.shape[0] != ref.shape[0] or attention_mask.shape[1] < T:
+        return None
+    return attention_mask[:, attention_mask.shape[1] - T:] != 0
+
 
 def _heads_attention_class(model_type: str) -> type:
     """The family's attention class without its output projection (``o_proj``), for HML blocks.
@@ -249,13 +265,17 @@ class MidusMemoryBlock(GradientCheckpointingLayer):
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
                 position_embeddings=None, **kwargs) -> torch.Tensor:
         # kwargs carry the cache (named `past_key_values` or `cache` depending on the transformers
-        # version), use_cache, cache_position, ...: passed to the attention untouched.
+        # version), use_cache, cache_position, ...: passed to the attention untouched; and
+        # MIDUS_TOKEN_MASK [B, T] from MidusForCausalLM: the tokens the memory's statistics count.
+        token_mask = kwargs.pop(MIDUS_TOKEN_MASK, None)
+        if token_mask is not None and token_mask.shape != hidden_states.shape[:-1]:
+            token_mask = None  # not these tokens (e.g. the block called on its own): count them all
         attn_out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
                                   position_ids=position_ids, position_embeddings=position_embeddings, **kwargs)[0]
         if self.memory_kind == "pkm":
-            return hidden_states + self.memory(hidden_states + attn_out)
+            return hidden_states + self.memory(hidden_states + attn_out, token_mask)
         o = attn_out.view(*attn_out.shape[:-1], self.num_heads, self.head_dim)
-        r = self.memory(o).flatten(-2)
+        r = self.memory(o, token_mask).flatten(-2)
         if self.out_proj is not None:
             r = self.out_proj(r)
         return hidden_states + r
@@ -339,6 +359,8 @@ class MidusForCausalLM(MidusPreTrainedModel, GenerationMixin):
     ``input_ids`` [B, T] int64 (or ``inputs_embeds`` [B, T, d]) -> ``logits`` [B, T, vocab] in the
     model dtype, ``loss`` (mean next-token cross-entropy) when ``labels`` is given; the cache
     keyword of the installed transformers (``past_key_values`` or ``cache``) passes through.
+    The memory layers' usage statistics (``memory_stats``) count the tokens where a 2-D
+    ``attention_mask`` [B, T] (or [B, past + T]) is 1, every token without one.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"} if _TF_MAJOR >= 5 else ["lm_head.weight"]
@@ -375,8 +397,13 @@ class MidusForCausalLM(MidusPreTrainedModel, GenerationMixin):
                 position_ids: Optional[torch.LongTensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
                 labels: Optional[torch.LongTensor] = None, use_cache: Optional[bool] = None,
                 logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+        # The memory layers' usage statistics count only the real tokens (not padding).
+        token_mask = _token_mask(attention_mask, input_ids, inputs_embeds)
+        if token_mask is not None:
+            kwargs[MIDUS_TOKEN_MASK] = token_mask
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        kwargs.pop(MIDUS_TOKEN_MASK, None)  # not for the loss function
         hidden = outputs[0]
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])

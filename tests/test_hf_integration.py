@@ -10,6 +10,7 @@ import torch
 warnings.filterwarnings("ignore", message=".*midus_ops.*")
 
 import midus  # noqa: E402
+import midus_ops  # noqa: E402
 from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory  # noqa: E402
 from test_upscale import FAMILIES, VARIANTS, perturb_zero_init, tiny, token_ids, up  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -219,3 +220,67 @@ def test_whole_model_pickles(variant, tmp_path):
     again = torch.load(tmp_path / "model.pt", weights_only=False).eval()
     with torch.no_grad():
         assert torch.equal(again(token_ids()).logits, new(token_ids()).logits)
+
+
+# ------------------------------------------------------------------ padding (item 4)
+
+def _left_padded(lengths, T=8, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, T - n:] = 1
+        ids[b, :T - n] = 0  # the pad token
+    return ids, mask
+
+
+@pytest.mark.parametrize("variant", MIDUS_VARIANTS)
+def test_usage_statistics_leave_out_padding(variant):
+    """XLM #171 kind: in a left-padded batch the memory layers must count the real tokens only
+    (16 of 24 here), exactly the reads of those tokens; the logits of the real tokens stay those
+    of each sequence run alone. fp64, so that batching cannot flip a near-tie."""
+    lengths = [8, 5, 3]
+    new = up(tiny("llama"), variant).double()
+    perturb_zero_init(new)
+    ids, mask = _left_padded(lengths)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # what generate passes with left padding
+    layers = memory_layers(new)
+    inputs = {}  # each memory layer's input in the padded batch, to recount its reads here
+    hooks = [layer.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0])) for layer in layers]
+    with torch.no_grad():
+        logits = new(ids, attention_mask=mask, position_ids=position_ids).logits
+    for h in hooks:
+        h.remove()
+    real = mask.bool()
+    for layer in layers:
+        s = layer.memory_stats()
+        assert s["tokens"].item() == sum(lengths) == 16
+        assert layer.stats.slot_counts.sum().item() == 16 * layer.num_heads * layer.k
+        # the reads of the real tokens, recomputed from the layer's input
+        x = inputs[layer][real]
+        if isinstance(layer, HeadwiseMemoryLayer):
+            q = x.reshape(-1, layer.num_heads, layer.head_dim)
+        else:
+            q = (x @ layer.query.weight.t()).view(-1, layer.num_heads, layer.d_k)
+        scores, idx = midus_ops.pk_topk(q, layer.subkeys, layer.k)
+        counts = torch.zeros_like(layer.stats.slot_counts)
+        for h in range(layer.num_heads):
+            counts[h].index_add_(0, idx[:, h].flatten(), torch.ones(idx[:, h].numel(), dtype=counts.dtype))
+        assert torch.equal(layer.stats.slot_counts, counts)
+        w = torch.softmax(scores / layer.tau, -1)
+        torch.testing.assert_close(s["weight_entropy"], -(w * w.log()).sum(-1).mean(0))
+    with torch.no_grad():
+        for b, n in enumerate(lengths):
+            alone = new(ids[b:b + 1, -n:]).logits[0]
+            torch.testing.assert_close(logits[b, -n:], alone, rtol=1e-9, atol=1e-9)
+
+
+def test_usage_statistics_during_batched_generation():
+    """generate passes the padding mask of prompt + generated tokens; each step counts its new
+    tokens only: the 16 real prompt tokens, then 3 per step after the first."""
+    new = up(tiny("qwen2"), "midus-hml")
+    perturb_zero_init(new)
+    ids, mask = _left_padded([8, 5, 3])
+    new.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    for layer in memory_layers(new):
+        assert layer.memory_stats()["tokens"].item() == 16 + 3 * 3

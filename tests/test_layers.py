@@ -300,6 +300,51 @@ def test_memory_stats(cls):
     assert torch.equal(s["slot_usage"], torch.zeros(H, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.long, torch.float32])
+@pytest.mark.parametrize("cls", ["hml", "pkm"])
+def test_memory_stats_token_mask(cls, mask_dtype):
+    """token_mask (the padding mask) leaves tokens out of the statistics, exactly as if only the
+    kept tokens had been given; the output is the same with or without it. A left-out row whose
+    input is NaN (what a fully masked attention row can give) does not poison the statistics."""
+    seed("stats-mask", cls)
+    H = 3
+    if cls == "hml":
+        make = lambda: randomize_(HeadwiseMemoryLayer(num_heads=H, head_dim=8, n=5, k=3, d_z=6, tau=0.7))
+        x = torch.randn(3, 6, H, 8)
+    else:
+        make = lambda: randomize_(ProductKeyMemory(d_model=12, num_heads=H, n=5, k=3, d_k=8, tau=0.7))
+        x = torch.randn(3, 6, 12)
+    masked = make().eval()
+    kept = copy.deepcopy(masked)
+    mask = torch.rand(3, 6) > 0.4
+    mask[0, 0], mask[1, 0] = True, False
+    x[1, 0] = float("nan")  # left out by the mask
+    with torch.no_grad():
+        y = masked(x, token_mask=mask.to(mask_dtype))
+        kept(x[mask])
+        unmasked = copy.deepcopy(masked)
+        torch.testing.assert_close(y[mask], unmasked(x)[mask], rtol=0, atol=0)
+    a, b = masked.memory_stats(), kept.memory_stats()
+    assert a["tokens"].item() == int(mask.sum()) and torch.equal(masked.stats.slot_counts, kept.stats.slot_counts)
+    for key in ("slot_usage", "kl_from_uniform", "weight_entropy"):  # (PKM: its fp32 query matmul
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-9)  # blocks N=18 and N=kept apart)
+    assert torch.isfinite(a["weight_entropy"]).all()
+
+
+@pytest.mark.parametrize("cls", ["hml", "pkm"])
+def test_token_mask_bad_input(cls):
+    if cls == "hml":
+        layer, x = HeadwiseMemoryLayer(num_heads=2, head_dim=8, n=4, k=2, d_z=6), torch.randn(2, 5, 2, 8)
+    else:
+        layer, x = ProductKeyMemory(d_model=12, num_heads=2, n=4, k=2, d_k=8), torch.randn(2, 5, 12)
+    with pytest.raises(ValueError, match=r"token_mask.*\(2, 5\)"):
+        layer(x, token_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="token_mask"):
+        layer(x, token_mask=[[1] * 5] * 2)
+    with pytest.raises(ValueError, match="token_mask"):
+        layer(x, token_mask=torch.ones(2, 5, dtype=torch.bool, device="meta"))
+
+
 @pytest.mark.parametrize("cls", ["hml", "pkm"])
 def test_stats_not_in_state_dict(cls):
     """Usage statistics are buffers but never checkpoint content: the state_dict holds exactly
