@@ -171,9 +171,10 @@ def hive_gather(
         check_indices: True (default) checks every index before reading; on CUDA that is a
             host-side check, i.e. a stream synchronisation (skipped while a CUDA graph is being
             captured). False means the caller guarantees 0 <= indices < R, as for indices from
-            :func:`pk_topk` with R = n * n (the layers pass False): the CUDA kernels then skip the
-            synchronisation, and a bad index fails as an asynchronous device-side assert naming
-            ``indices`` instead of an IndexError. The CPU kernels check either way.
+            :func:`pk_topk` with R = n * n (the layers pass False): no synchronisation then, with
+            the CUDA kernels or the reference, and a bad index fails as an asynchronous
+            device-side assert instead of an IndexError. The CPU kernels check either way (the
+            CPU reference leaves it to ``F.embedding``: an IndexError).
 
     Returns:
         out: [N, H, d_v], dtype of ``bank``; sums are accumulated in fp32 (fp64 for fp64).
@@ -211,7 +212,7 @@ def hive_gather(
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     if has_kernel("hive_gather", bank.device):
         return torch.ops.midus_ops.hive_gather(weights, indices, bank, proj, deterministic, bool(check_indices))
-    return hive_gather_ref(weights, indices, bank, proj)
+    return hive_gather_ref(weights, indices, bank, proj, check_indices=bool(check_indices))
 
 
 # --------------------------------------------------------------------------------------------

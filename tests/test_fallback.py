@@ -233,3 +233,34 @@ def test_fallback_bf16_bank_grad_accumulates_in_fp32(tmp_path):
     report = run_child("env", tmp_path)
     assert report["bf16_bank_grad_rel_err"] <= 2.0 ** -6, \
         f"bf16 bank gradient off by {report['bf16_bank_grad_rel_err']:.3g} of its max: accumulated in bf16?"
+
+
+# Without the extension, the tests of the compiled kernels must fail, saying why, unless
+# MIDUS_TEST_ALLOW_FALLBACK=1 says the fallback is what is being tested (tests/op_testing.py).
+KERNEL_TESTS = ["tests/test_ops.py::test_extension_registers_cpu_kernels",      # of the compiled ops
+                "tests/test_ops.py::test_tie_rule_public_op_hand_made[stage2-fp32-cpu]",  # kernel vs reference
+                "tests/test_pk_select.py::test_nan_scores_do_not_crash_and_rank_first"]
+
+
+def _pytest_child(tmp_path, **env_vars):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MIDUS_OPS_DISABLE_EXTENSION="1", **env_vars)
+    if "MIDUS_TEST_ALLOW_FALLBACK" not in env_vars:
+        env.pop("MIDUS_TEST_ALLOW_FALLBACK", None)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *KERNEL_TESTS],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_kernel_tests_fail_without_the_extension(tmp_path):
+    proc = _pytest_child(tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "3 error" in out and "passed" not in out and "skipped" not in out, out[-3000:]
+    assert "MIDUS_TEST_ALLOW_FALLBACK=1" in out and "disabled by MIDUS_OPS_DISABLE_EXTENSION" in out, out[-3000:]
+
+
+def test_kernel_tests_with_the_fallback_allowed(tmp_path):
+    proc = _pytest_child(tmp_path, MIDUS_TEST_ALLOW_FALLBACK="1")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "1 passed, 2 skipped" in out, out[-3000:]  # the public op runs on the reference
