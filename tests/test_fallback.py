@@ -15,6 +15,10 @@ Ways of making the extension unavailable:
   ``midus_ops._C`` (an import hook refusing the module).
 * ``env``: ``MIDUS_OPS_DISABLE_EXTENSION=1``.
 * ``missing``: a copy of the package's Python files without any ``_C*.so`` (never built).
+* ``noops``: a ``midus_ops._C`` that loads but registers no op (a foreign build).
+* ``stale``: a ``midus_ops._C`` that registers ``pk_topk`` and an older ``hive_gather`` schema
+  (no ``check_indices``), and no backward ops (a build of an older midus_ops).
+In ``noops`` and ``stale`` the child also imports ``midus`` (which crashed there before).
 """
 from __future__ import annotations
 
@@ -42,15 +46,30 @@ CHILD = textwrap.dedent(r'''
         def exec_module(self, module):
             raise ImportError(REASON)
 
+    class _WrongOpsLoader(importlib.abc.Loader):
+        """A module that loads fine but registers no op (noops) or the wrong ones (stale)."""
+        def create_module(self, spec):
+            return None
+        def exec_module(self, module):
+            module.__file__ = "/fake/midus_ops/_C.so"
+            if MODE == "stale":
+                import torch
+                module.lib = torch.library.Library("midus_ops", "DEF")
+                module.lib.define("pk_topk(Tensor q, Tensor subkeys, int k) -> (Tensor scores, Tensor indices)")
+                module.lib.define("hive_gather(Tensor weights, Tensor indices, Tensor bank, Tensor? proj, "
+                                  "bool deterministic) -> Tensor")
+
     class _Blocker(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name != "midus_ops._C":
                 return None
             if MODE == "finder":
                 raise ImportError(REASON)
+            if MODE in ("noops", "stale"):
+                return importlib.machinery.ModuleSpec(name, _WrongOpsLoader())
             return importlib.machinery.ModuleSpec(name, _FailingLoader())
 
-    if MODE in ("loader", "finder"):
+    if MODE in ("loader", "finder", "noops", "stale"):
         sys.meta_path.insert(0, _Blocker())
 
     with warnings.catch_warnings(record=True) as rec:
@@ -58,6 +77,8 @@ CHILD = textwrap.dedent(r'''
         import midus_ops
         import midus_ops.ops, midus_ops.layers, midus_ops.reference
         import midus_ops as again          # importing again must not warn again
+        if MODE in ("noops", "stale"):
+            import midus                   # imports midus_ops' layers and registers the model
     ext_warnings = [str(w.message) for w in rec if issubclass(w.category, midus_ops.MidusExtensionWarning)]
     other_warnings = [f"{w.category.__name__}: {w.message}" for w in rec
                       if not issubclass(w.category, midus_ops.MidusExtensionWarning)]
@@ -188,14 +209,20 @@ def _run_child(mode: str, tmp_path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mode", ["loader", "finder", "env", "missing"])
+@pytest.mark.parametrize("mode", ["loader", "finder", "env", "missing", "noops", "stale"])
 def test_fallback_when_extension_unavailable(mode, tmp_path):
     report = run_child(mode, tmp_path)
     assert report["available"] is False
     assert report["has_kernel"] is False
     assert len(report["ext_warnings"]) == 1, f"expected exactly one MidusExtensionWarning: {report['ext_warnings']}"
     message = report["ext_warnings"][0]
-    reason = {"env": "MIDUS_OPS_DISABLE_EXTENSION", "missing": "not built"}.get(mode, BLOCK_REASON)
+    reason = {"env": "MIDUS_OPS_DISABLE_EXTENSION", "missing": "not built",
+              "noops": "/fake/midus_ops/_C.so loaded but does not register the ops of this midus_ops (a stale or "
+                       "foreign build): no midus_ops::pk_topk; no midus_ops::pk_topk_backward; no "
+                       "midus_ops::hive_gather; no midus_ops::hive_gather_backward",
+              "stale": "no midus_ops::pk_topk_backward; midus_ops::hive_gather(weights, indices, bank, proj, "
+                       "deterministic) where (weights, indices, bank, proj, deterministic, check_indices) is "
+                       "expected; no midus_ops::hive_gather_backward"}.get(mode, BLOCK_REASON)
     assert reason in message, f"the warning does not name the reason {reason!r}: {message!r}"
     assert reason in report["error"], report["error"]
     if mode == "missing":
