@@ -172,7 +172,9 @@ def override_memory(modules: Dict[Memory, Optional[Select]],
             if "forward" in module.__dict__:
                 raise RuntimeError(f"{type(module).__name__} already has an overridden forward (nested override?)")
 
-            def forward(x, _m=module, _s=select, _r=record.get(module)):
+            # token_mask (the padding mask a MIDUS block passes) only steers the usage
+            # statistics, which memory_forward leaves alone
+            def forward(x, token_mask=None, *, _m=module, _s=select, _r=record.get(module)):
                 return memory_forward(_m, x, _s, _r)
 
             module.forward = forward

@@ -272,10 +272,13 @@ class MidusMemoryBlock(GradientCheckpointingLayer):
             token_mask = None  # not these tokens (e.g. the block called on its own): count them all
         attn_out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
                                   position_ids=position_ids, position_embeddings=position_embeddings, **kwargs)[0]
+        # token_mask only when there is one: a replaced memory forward (midus.analyze, a user's
+        # patch) may take the input alone
+        mask = {} if token_mask is None else {"token_mask": token_mask}
         if self.memory_kind == "pkm":
-            return hidden_states + self.memory(hidden_states + attn_out, token_mask)
+            return hidden_states + self.memory(hidden_states + attn_out, **mask)
         o = attn_out.view(*attn_out.shape[:-1], self.num_heads, self.head_dim)
-        r = self.memory(o, token_mask).flatten(-2)
+        r = self.memory(o, **mask).flatten(-2)
         if self.out_proj is not None:
             r = self.out_proj(r)
         return hidden_states + r
