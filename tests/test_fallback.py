@@ -71,6 +71,10 @@ CHILD = textwrap.dedent(r'''
 
     if MODE in ("loader", "finder", "noops", "stale"):
         sys.meta_path.insert(0, _Blocker())
+    if MODE == "missing":
+        # An editable install of midus elsewhere (setuptools' finder) would supply ITS midus_ops._C
+        # to this copy, which has none: this case is about a copy without any.
+        sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
 
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")   # a second warning would be recorded, not deduplicated
@@ -125,18 +129,23 @@ CHILD = textwrap.dedent(r'''
         assert "indices" in str(e), e
 
     # --- the layers work, and equal a direct reference computation ---
-    layer = midus_ops.HeadwiseMemoryLayer(num_heads=3, head_dim=8, n=7, k=4, d_z=10)
+    # (tau = 0.5: the default 1 skips the division, so a lost temperature would pass unseen)
+    layer = midus_ops.HeadwiseMemoryLayer(num_heads=3, head_dim=8, n=7, k=4, d_z=10, tau=0.5)
     with torch.no_grad():
         layer.bank.normal_()
     o = torch.randn(2, 5, 3, 8)
     r = layer(o)
     s, i = ref.pk_topk_ref(o.reshape(-1, 3, 8), layer.subkeys, 4)
-    want = ref.hive_gather_ref(torch.softmax(s.float(), -1), i, layer.bank, layer.proj).reshape(r.shape)
+    want = ref.hive_gather_ref(torch.softmax(s.float() / 0.5, -1), i, layer.bank, layer.proj).reshape(r.shape)
     assert torch.allclose(r, want, rtol=1e-6, atol=1e-6)
     r.square().sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
-    pkm = midus_ops.ProductKeyMemory(d_model=12, num_heads=2, n=5, k=3, d_k=6)
-    y = pkm(torch.randn(4, 12))
+    pkm = midus_ops.ProductKeyMemory(d_model=12, num_heads=2, n=5, k=3, d_k=6, tau=2.0)
+    x = torch.randn(4, 12)
+    y = pkm(x)
+    s, i = ref.pk_topk_ref((x @ pkm.query.weight.t()).view(4, 2, 6), pkm.subkeys, 3)
+    want = (torch.softmax(s.float() / 2.0, -1)[..., None] * pkm.values[i]).sum((1, 2))
+    assert torch.allclose(y, want, rtol=1e-5, atol=1e-6)
     y.sum().backward()
     assert y.shape == (4, 12) and pkm.values.grad is not None
 
