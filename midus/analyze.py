@@ -121,8 +121,8 @@ def _query(memory: Memory, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, ..
         return q, tuple(x.shape[:-2])
     if x.dim() < 1 or x.shape[-1] != memory.d_model:
         raise ValueError(f"ProductKeyMemory expects input [..., {memory.d_model}], got {tuple(x.shape)}")
-    q = F.linear(x.reshape(-1, memory.d_model), memory.query.weight.to(x.dtype)).view(-1, memory.num_heads,
-                                                                                      memory.d_k)
+    # through the module, as the layer does (offloading hooks load its weight for its forward)
+    q = memory.query(x.reshape(-1, memory.d_model)).view(-1, memory.num_heads, memory.d_k)
     return q, tuple(x.shape[:-1])
 
 

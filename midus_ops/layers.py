@@ -80,6 +80,18 @@ class _PerHeadRMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
+class _InputDtypeLinear(nn.Linear):
+    """nn.Linear computing in the input's dtype (the weight cast to it, as autocast would).
+
+    The layers call it as a module rather than reading ``.weight`` in their own forward: hooks
+    that materialise a module's weights for its forward (accelerate's offloading to CPU or disk)
+    then see it; reading the weight of a submodule not called leaves it on the meta device."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
 class _UsageStats(nn.Module):
     """Slot-read counts and top-k weight entropy per head (Lample et al. 2019, sec. 4.3).
 
@@ -292,7 +304,7 @@ class ProductKeyMemory(nn.Module):
             raise ValueError(f"value_init must be 'normal' or 'zeros', got {value_init!r}")
         self.d_model, self.num_heads, self.n, self.k, self.d_k, self.d_out = d_model, num_heads, n, k, d_k, d_out
         self.tau, self.value_init = float(tau), value_init
-        self.query = nn.Linear(d_model, num_heads * d_k, bias=False)
+        self.query = _InputDtypeLinear(d_model, num_heads * d_k, bias=False)
         self.subkeys = nn.Parameter(torch.empty(num_heads, 2, n, d_k // 2))
         self.values = nn.Parameter(torch.empty(n * n, d_out))
         self.stats = _UsageStats(num_heads, n * n)
@@ -316,7 +328,7 @@ class ProductKeyMemory(nn.Module):
         lead = x.shape[:-1]
         _check_token_mask(token_mask, lead, x)
         dt = x.dtype
-        q = F.linear(x.reshape(-1, self.d_model), self.query.weight.to(dt)).view(-1, self.num_heads, self.d_k)
+        q = self.query(x.reshape(-1, self.d_model)).view(-1, self.num_heads, self.d_k)
         scores, idx = pk_topk(q, self.subkeys.to(dt), self.k)
         recording = self.track_stats and not self.training
         w = _topk_weights(scores, self.tau, allow_16bit=not recording)

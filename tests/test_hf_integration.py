@@ -284,3 +284,28 @@ def test_usage_statistics_during_batched_generation():
     new.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     for layer in memory_layers(new):
         assert layer.memory_stats()["tokens"].item() == 16 + 3 * 3
+
+
+# ------------------------------------------------------------------ offloading (accelerate)
+
+@pytest.mark.parametrize("variant", MIDUS_VARIANTS)
+def test_offloaded_memory_blocks_compute_the_same(variant, tmp_path):
+    """With the memory blocks offloaded to disk (accelerate's hooks load each module's weights
+    for its own forward; on a GPU, CPU offloading uses the same hooks), the logits are the
+    in-memory model's: the PKM read its query Linear's weight without calling the module, which
+    then stayed on the meta device (NaN logits)."""
+    new = up(tiny("qwen2"), variant)
+    perturb_zero_init(new)
+    new.save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "lm_head": "cpu", "model.rotary_emb": "cpu"}
+    blocks = set(new.config.memory_positions)
+    for i in range(len(new.model.layers)):
+        device_map[f"model.layers.{i}"] = "disk" if i in blocks else "cpu"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
+                                                  offload_folder=str(tmp_path / "offload")).eval()
+    for p in blocks:  # really offloaded: nothing of the block resident
+        assert {t.device.type for t in loaded.model.layers[p].parameters()} == {"meta"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(token_ids()).logits, new(token_ids()).logits, rtol=0, atol=0)
+    for layer in memory_layers(loaded):
+        assert layer.memory_stats()["tokens"].item() == 20
