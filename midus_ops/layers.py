@@ -112,6 +112,7 @@ class _UsageStats(nn.Module):
 
         The mask weighs the records instead of selecting rows: boolean indexing would read the
         number of rows on the host (a synchronisation on CUDA, and no CUDA-graph capture)."""
+        self._writable()
         N, H, k = indices.shape
         offset = torch.arange(H, device=indices.device).view(1, H, 1) * self.num_slots
         flat = (indices.long() + offset).reshape(-1)
@@ -138,7 +139,18 @@ class _UsageStats(nn.Module):
                 self._buffers[name] = self._buffers[name].to(dtype)
         return self
 
+    def _writable(self) -> None:
+        """Buffers allocated under ``torch.inference_mode()`` (a model loaded or built inside it)
+        are inference tensors, which may not be updated in place outside that mode: replace them
+        with normal copies first (host-side flags only, no synchronisation)."""
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+            return
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.is_inference():
+                self._buffers[name] = buf.clone()
+
     def reset(self) -> None:
+        self._writable()
         self.slot_counts.zero_()
         self.entropy_sum.zero_()
         self.tokens.zero_()

@@ -351,6 +351,29 @@ def test_token_mask_bad_input(cls):
 
 
 @pytest.mark.parametrize("cls", ["hml", "pkm"])
+def test_memory_stats_of_a_layer_built_under_inference_mode(cls):
+    """A layer built (or a model loaded) under torch.inference_mode() has inference-tensor
+    buffers; recording statistics later, outside that mode, must work (an in-place update of an
+    inference tensor outside the mode raises), and so must reset. Kind: sglang #33470."""
+    seed("inference-mode", cls)
+    with torch.inference_mode():
+        if cls == "hml":
+            layer, x = randomize_(HeadwiseMemoryLayer(num_heads=2, head_dim=8, n=4, k=2, d_z=6)), torch.randn(5, 2, 8)
+        else:
+            layer, x = randomize_(ProductKeyMemory(d_model=12, num_heads=2, n=4, k=2, d_k=8)), torch.randn(5, 12)
+    assert layer.stats.tokens.is_inference()
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert layer.memory_stats()["tokens"].item() == 5
+    with torch.inference_mode():  # and inside the mode again
+        layer(x)
+    assert layer.memory_stats()["tokens"].item() == 10
+    layer.reset_memory_stats()
+    assert layer.memory_stats()["tokens"].item() == 0
+
+
+@pytest.mark.parametrize("cls", ["hml", "pkm"])
 def test_stats_not_in_state_dict(cls):
     """Usage statistics are buffers but never checkpoint content: the state_dict holds exactly
     the parameters, and loads into a fresh layer with strict=True."""
