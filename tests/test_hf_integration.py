@@ -12,7 +12,7 @@ warnings.filterwarnings("ignore", message=".*midus_ops.*")
 import midus  # noqa: E402
 import midus_ops  # noqa: E402
 from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory  # noqa: E402
-from test_upscale import FAMILIES, VARIANTS, perturb_zero_init, tiny, token_ids, up  # noqa: E402
+from test_upscale import VARIANTS, perturb_zero_init, tiny, token_ids, up  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread

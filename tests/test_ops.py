@@ -24,7 +24,7 @@ import midus_ops
 from midus_ops.reference import hive_gather_ref, pk_topk_ref
 from op_testing import (ATOL, BF16, DT_ID, F16, F32, F64, RTOL, assert_close,  # noqa: F401
                         check_pk_topk_against_reference, fallback_allowed, missing_extension_message,
-                        require_extension, rounding_tie_inputs, scores_at, seed)
+                        rounding_tie_inputs, scores_at, seed)
 
 # Without the extension these tests fail (conftest), unless MIDUS_TEST_ALLOW_FALLBACK=1: then the
 # public-op tests run on the reference and those of the compiled ops skip.
