@@ -149,7 +149,7 @@ setup(
         "lm-eval>=0.4.5",   # zero-shot tasks (`midus eval --tasks`, `midus compare`)
         "matplotlib",       # figures of `midus analyze`, `midus compare` and benchmarks/plot.py
     ],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark"]},
+    extras_require={"test": ["pytest>=7", "pytest-benchmark", "peft"]},  # peft: LoRA on MIDUS models (tests)
     entry_points={"console_scripts": ["midus=midus.cli:main"]},
     zip_safe=False,
 )

@@ -121,8 +121,8 @@ def _query(memory: Memory, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, ..
         return q, tuple(x.shape[:-2])
     if x.dim() < 1 or x.shape[-1] != memory.d_model:
         raise ValueError(f"ProductKeyMemory expects input [..., {memory.d_model}], got {tuple(x.shape)}")
-    q = F.linear(x.reshape(-1, memory.d_model), memory.query.weight.to(x.dtype)).view(-1, memory.num_heads,
-                                                                                      memory.d_k)
+    # through the module, as the layer does (offloading hooks load its weight for its forward)
+    q = memory.query(x.reshape(-1, memory.d_model)).view(-1, memory.num_heads, memory.d_k)
     return q, tuple(x.shape[:-1])
 
 
@@ -172,7 +172,9 @@ def override_memory(modules: Dict[Memory, Optional[Select]],
             if "forward" in module.__dict__:
                 raise RuntimeError(f"{type(module).__name__} already has an overridden forward (nested override?)")
 
-            def forward(x, _m=module, _s=select, _r=record.get(module)):
+            # token_mask (the padding mask a MIDUS block passes) only steers the usage
+            # statistics, which memory_forward leaves alone
+            def forward(x, token_mask=None, *, _m=module, _s=select, _r=record.get(module)):
                 return memory_forward(_m, x, _s, _r)
 
             module.forward = forward

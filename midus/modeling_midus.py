@@ -43,6 +43,7 @@ except ImportError:  # transformers 4.x
 
 try:  # transformers' import check skips try blocks, so the error below is the one users see
     from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory
+    from midus_ops.layers import _UsageStats
 except ImportError as _err:
     raise ImportError("this MIDUS model needs the `midus_ops` memory layers, which the `midus` package provides: "
                       "install it from its repository with `pip install --no-build-isolation .` "
@@ -152,6 +153,11 @@ class MidusConfig(_BaseConfig):
         self.midus_upscale = midus_upscale
         # Tying is decided on the outer config; the base family decides it in its own config.
         kwargs["tie_word_embeddings"] = bool(getattr(text_config, "tie_word_embeddings", False))
+        # The base's attention implementation (e.g. "eager" for output_attentions) is the model's:
+        # without it the base config's __init__ sets None on every sub-config (transformers 5), and
+        # the model then picks its default ("sdpa").
+        if kwargs.get("attn_implementation") is None:
+            kwargs["attn_implementation"] = getattr(text_config, "_attn_implementation_internal", None)
         super().__init__(**kwargs)
         L = text_config.num_hidden_layers
         bad = [p for p in self.memory_positions if not 0 <= p < L]
@@ -163,6 +169,55 @@ class MidusConfig(_BaseConfig):
     def memory_options(self) -> Dict[str, Any]:
         """The memory options as a dict (keys of ``MEMORY_DEFAULTS``)."""
         return {key: getattr(self, key) for key in MEMORY_DEFAULTS}
+
+
+def _no_output_projection(attn_output: torch.Tensor) -> torch.Tensor:
+    return attn_output
+
+
+_HEADS_ATTENTION_CLASSES: Dict[str, type] = {}
+
+# Keyword by which MidusForCausalLM hands the memory blocks the padding mask [B, T] (through the
+# family model and its layers, which pass unknown keywords on, as they do for the attention kernels).
+MIDUS_TOKEN_MASK = "midus_token_mask"
+
+
+def _token_mask(attention_mask, input_ids, inputs_embeds) -> Optional[torch.Tensor]:
+    """[B, T] True at the real tokens of this call, from a 2-D padding mask [B, past + T] (as
+    generate passes it, the current tokens last); None for no mask or a 4-D/custom one."""
+    ref = input_ids if input_ids is not None else inputs_embeds
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or ref is None:
+        return None
+    T = ref.shape[1]
+    if attention_mask.shape[0] != ref.shape[0] or attention_mask.shape[1] < T:
+        return None
+    return attention_mask[:, attention_mask.shape[1] - T:] != 0
+
+
+def _heads_attention_class(model_type: str) -> type:
+    """The family's attention class without its output projection (``o_proj``), for HML blocks.
+
+    Same ``__init__``, parameter names and ``forward`` as the family's class (RoPE, GQA, q/k norms,
+    every attention kernel, the cache), whose forward then returns the heads' outputs
+    ``concat_h o_h`` [B, T, H * d_h] in head-major order. The instance has no ``o_proj``
+    submodule: tools that find modules by name (PEFT LoRA with the usual targets
+    ``q_proj, k_proj, v_proj, o_proj``) must not find a non-Linear one there (an ``nn.Identity``
+    did, and PEFT refused it). The ``o_proj`` the family's ``__init__`` builds is taken out by
+    :class:`MidusMemoryBlock` (kept as ``out_proj`` with out_proj="copy").
+    """
+    if model_type not in _HEADS_ATTENTION_CLASSES:
+        fam = family_classes(model_type)
+        name = f"Midus{SUPPORTED_FAMILIES[model_type]}HeadsAttention"
+        # A property on the class wins over the submodule the family's __init__ registers under the
+        # same name (nn.Module looks submodules up only when normal attribute lookup fails), so
+        # the family's forward calls the identity.
+        attrs = {"__module__": __name__, "__doc__": _heads_attention_class.__doc__,
+                 "o_proj": property(lambda self: _no_output_projection,
+                                    doc="No output projection: the identity (a function, not a module).")}
+        cls = type(name, (fam.Attention,), attrs)
+        globals()[name] = cls  # reachable by name, so that pickling a model (torch.save) finds it
+        _HEADS_ATTENTION_CLASSES[model_type] = cls
+    return _HEADS_ATTENTION_CLASSES[model_type]
 
 
 class MidusMemoryBlock(GradientCheckpointingLayer):
@@ -180,7 +235,8 @@ class MidusMemoryBlock(GradientCheckpointingLayer):
         M(x) = x + PKM(a)
 
     The attention is the family's own class (RoPE, GQA, q/k norms, sdpa/eager/flash, sliding
-    window from ``config.layer_types``), with its own ``layer_idx`` and so its own KV-cache slot.
+    window from ``config.layer_types``), with its own ``layer_idx`` and so its own KV-cache slot;
+    for HML a subclass without ``o_proj`` (:func:`_heads_attention_class`).
     No FFN. With a zero bank (HML) or zero values (PKM) the block is exactly the identity.
 
     Input and output: hidden states [B, T, d], dtype of the model.
@@ -196,15 +252,15 @@ class MidusMemoryBlock(GradientCheckpointingLayer):
         layer_types = getattr(config, "layer_types", None)
         self.attention_type = layer_types[layer_idx] if layer_types else "full_attention"
         self.input_layernorm = fam.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = fam.Attention(config=config, layer_idx=layer_idx)
+        attention = _heads_attention_class(config.model_type) if self.memory_kind == "hml" else fam.Attention
+        self.self_attn = attention(config=config, layer_idx=layer_idx)
         self.num_heads = config.num_attention_heads
         self.head_dim = self.self_attn.head_dim
         self.out_proj = None
         if self.memory_kind == "hml":
+            o_proj = self.self_attn._modules.pop("o_proj")  # the family's o_proj (bias or not)
             if opts["out_proj"] == "copy":
-                self.out_proj = self.self_attn.o_proj  # the family's o_proj (bias or not), moved out
-            # Identity: the attention then returns concat_h o_h [B, T, H*d_h] in head-major order.
-            self.self_attn.o_proj = nn.Identity()
+                self.out_proj = o_proj
             self.memory = HeadwiseMemoryLayer(self.num_heads, self.head_dim, n=opts["n"], k=opts["k"],
                                               d_z=opts["d_z"], tau=opts["tau"], query_norm=opts["query_norm"],
                                               learn_tau=opts["learn_tau"])
@@ -216,16 +272,39 @@ class MidusMemoryBlock(GradientCheckpointingLayer):
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
                 position_embeddings=None, **kwargs) -> torch.Tensor:
         # kwargs carry the cache (named `past_key_values` or `cache` depending on the transformers
-        # version), use_cache, cache_position, ...: passed to the attention untouched.
+        # version), use_cache, cache_position, ...: passed to the attention untouched; and
+        # MIDUS_TOKEN_MASK [B, T] from MidusForCausalLM: the tokens the memory's statistics count.
+        token_mask = kwargs.pop(MIDUS_TOKEN_MASK, None)
+        if token_mask is not None and token_mask.shape != hidden_states.shape[:-1]:
+            token_mask = None  # not these tokens (e.g. the block called on its own): count them all
         attn_out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
                                   position_ids=position_ids, position_embeddings=position_embeddings, **kwargs)[0]
+        # token_mask only when there is one: a replaced memory forward (midus.analyze, a user's
+        # patch) may take the input alone
+        mask = {} if token_mask is None else {"token_mask": token_mask}
         if self.memory_kind == "pkm":
-            return hidden_states + self.memory(hidden_states + attn_out)
+            return hidden_states + self.memory(hidden_states + attn_out, **mask)
         o = attn_out.view(*attn_out.shape[:-1], self.num_heads, self.head_dim)
-        r = self.memory(o).flatten(-2)
+        r = self.memory(o, **mask).flatten(-2)
         if self.out_proj is not None:
             r = self.out_proj(r)
         return hidden_states + r
+
+
+@torch.no_grad()
+def _init_memory_weights(module: nn.Module) -> None:
+    """The memory layers' part of ``_init_weights``, which transformers calls on every module after
+    ``from_pretrained`` (and ``post_init``): the usage statistics are non-persistent buffers, never
+    in a checkpoint, which transformers 5 allocates uninitialised (``empty_like``); they start at
+    zero. A memory parameter missing from the checkpoint gets the layer's own init (zero bank /
+    values); loaded ones are left alone (transformers 5 guards ``nn.init`` with their loaded flag).
+    The statistics module is handled on its own too: remote-code loading skips a module whose own
+    parameters all loaded, so the layer may not be visited."""
+    if isinstance(module, (HeadwiseMemoryLayer, ProductKeyMemory)):
+        module.reset_parameters()
+        module.reset_memory_stats()
+    elif isinstance(module, _UsageStats):
+        module.reset()
 
 
 _STACK_CLASSES: Dict[str, type] = {}
@@ -240,14 +319,21 @@ def _stack_model_class(model_type: str) -> type:
     """
     if model_type not in _STACK_CLASSES:
         fam = family_classes(model_type)
-        attrs = {"__module__": __name__}
+        family_init = fam.Model._init_weights
+
+        def _init_weights(self, module):
+            family_init(self, module)
+            _init_memory_weights(module)
+
+        attrs = {"__module__": __name__, "_init_weights": _init_weights}
         record = dict(getattr(fam.Model, "_can_record_outputs", None) or {})
         if "hidden_states" in record:
             layers = record["hidden_states"]
             layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
             record["hidden_states"] = layers + [MidusMemoryBlock]
             attrs["_can_record_outputs"] = record
-        _STACK_CLASSES[model_type] = type(f"Midus{SUPPORTED_FAMILIES[model_type]}Model", (fam.Model,), attrs)
+        name = f"Midus{SUPPORTED_FAMILIES[model_type]}Model"
+        _STACK_CLASSES[model_type] = globals()[name] = type(name, (fam.Model,), attrs)  # globals: see above
     return _STACK_CLASSES[model_type]
 
 
@@ -262,6 +348,10 @@ class MidusPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        _init_memory_weights(module)
 
 
 def _apply_can_return_tuple(fn):
@@ -279,6 +369,8 @@ class MidusForCausalLM(MidusPreTrainedModel, GenerationMixin):
     ``input_ids`` [B, T] int64 (or ``inputs_embeds`` [B, T, d]) -> ``logits`` [B, T, vocab] in the
     model dtype, ``loss`` (mean next-token cross-entropy) when ``labels`` is given; the cache
     keyword of the installed transformers (``past_key_values`` or ``cache``) passes through.
+    The memory layers' usage statistics (``memory_stats``) count the tokens where a 2-D
+    ``attention_mask`` [B, T] (or [B, past + T]) is 1, every token without one.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"} if _TF_MAJOR >= 5 else ["lm_head.weight"]
@@ -315,8 +407,13 @@ class MidusForCausalLM(MidusPreTrainedModel, GenerationMixin):
                 position_ids: Optional[torch.LongTensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
                 labels: Optional[torch.LongTensor] = None, use_cache: Optional[bool] = None,
                 logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+        # The memory layers' usage statistics count only the real tokens (not padding).
+        token_mask = _token_mask(attention_mask, input_ids, inputs_embeds)
+        if token_mask is not None:
+            kwargs[MIDUS_TOKEN_MASK] = token_mask
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        kwargs.pop(MIDUS_TOKEN_MASK, None)  # not for the loss function
         hidden = outputs[0]
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])

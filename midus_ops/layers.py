@@ -36,6 +36,17 @@ def _check_tau(tau) -> float:
     return tau
 
 
+def _check_token_mask(token_mask: Optional[torch.Tensor], lead: torch.Size, x: torch.Tensor) -> None:
+    if token_mask is None:
+        return
+    if not isinstance(token_mask, torch.Tensor):
+        raise TypeError(f"token_mask must be a torch.Tensor or None, got {type(token_mask).__name__}")
+    if token_mask.shape != lead:
+        raise ValueError(f"token_mask must have the input's leading shape {tuple(lead)}, got {tuple(token_mask.shape)}")
+    if token_mask.device != x.device:
+        raise ValueError(f"token_mask is on {token_mask.device} but the input is on {x.device}")
+
+
 def _softmax_dtype(dt: torch.dtype) -> torch.dtype:
     """Top-k weights are normalised in fp32 at least (fp64 stays fp64, so fp64 layers gradcheck)."""
     return torch.float64 if dt == torch.float64 else torch.float32
@@ -79,6 +90,18 @@ class _PerHeadRMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
+class _InputDtypeLinear(nn.Linear):
+    """nn.Linear computing in the input's dtype (the weight cast to it, as autocast would).
+
+    The layers call it as a module rather than reading ``.weight`` in their own forward: hooks
+    that materialise a module's weights for its forward (accelerate's offloading to CPU or disk)
+    then see it; reading the weight of a submodule not called leaves it on the meta device."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
 class _UsageStats(nn.Module):
     """Slot-read counts and top-k weight entropy per head (Lample et al. 2019, sec. 4.3).
 
@@ -93,16 +116,28 @@ class _UsageStats(nn.Module):
         self.register_buffer("tokens", torch.zeros((), dtype=torch.float64), persistent=False)
 
     @torch.no_grad()
-    def update(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
-        # indices, weights: [N, H, k]
+    def update(self, indices: torch.Tensor, weights: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> None:
+        """Record the reads of N tokens: ``indices``, ``weights`` [N, H, k]; ``token_mask`` [N]
+        (bool, or 0/1 numbers) leaves out the tokens where it is False / 0 (padding), or None.
+
+        The mask weighs the records instead of selecting rows: boolean indexing would read the
+        number of rows on the host (a synchronisation on CUDA, and no CUDA-graph capture)."""
+        self._writable()
         N, H, k = indices.shape
         offset = torch.arange(H, device=indices.device).view(1, H, 1) * self.num_slots
         flat = (indices.long() + offset).reshape(-1)
-        self.slot_counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
         w = weights.double()
         ent = -(w * torch.log(w.clamp_min(1e-30))).sum(-1)  # [N, H]
-        self.entropy_sum += ent.sum(0)
-        self.tokens += N
+        if token_mask is None:
+            self.slot_counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+            self.entropy_sum += ent.sum(0)
+            self.tokens += N
+            return
+        keep = token_mask.reshape(N, 1) != 0
+        self.slot_counts.view(-1).index_add_(0, flat, keep.expand(N, H * k).reshape(-1).double())
+        # where, not a product: a padded row's weights may be NaN (a fully masked attention row)
+        self.entropy_sum += torch.where(keep, ent, torch.zeros_like(ent)).sum(0)
+        self.tokens += keep.sum()
 
     def _apply(self, fn, *args, **kwargs):
         # Model-wide casts (.half(), .to(torch.bfloat16)) move the statistics but keep their
@@ -114,7 +149,18 @@ class _UsageStats(nn.Module):
                 self._buffers[name] = self._buffers[name].to(dtype)
         return self
 
+    def _writable(self) -> None:
+        """Buffers allocated under ``torch.inference_mode()`` (a model loaded or built inside it)
+        are inference tensors, which may not be updated in place outside that mode: replace them
+        with normal copies first (host-side flags only, no synchronisation)."""
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+            return
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.is_inference():
+                self._buffers[name] = buf.clone()
+
     def reset(self) -> None:
+        self._writable()
         self.slot_counts.zero_()
         self.entropy_sum.zero_()
         self.tokens.zero_()
@@ -168,7 +214,7 @@ class HeadwiseMemoryLayer(nn.Module):
 
     The computation runs in the dtype of the input (parameters are cast to it, like autocast
     would for a Linear). Usage statistics are recorded in eval mode while ``track_stats`` is
-    True; see :meth:`memory_stats`.
+    True, for the tokens of ``token_mask`` when given (:meth:`forward`); see :meth:`memory_stats`.
     """
 
     def __init__(self, num_heads: int, head_dim: int, n: int = 32, k: int = 16, d_z: int = 256,
@@ -210,13 +256,16 @@ class HeadwiseMemoryLayer(nn.Module):
         16-bit inference path that ``allow_16bit`` permits."""
         return _topk_weights(scores, self.tau if self.log_tau is None else self.log_tau.exp(), allow_16bit)
 
-    def forward(self, o: torch.Tensor) -> torch.Tensor:
+    def forward(self, o: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """o: [..., H, d_h] per-head attention outputs (before any output projection).
-        Returns r: [..., H, d_h], dtype of ``o``."""
+        token_mask: optional [...] (bool, or 0/1 numbers): the tokens the usage statistics count,
+        e.g. the attention mask, so that padding is not counted; the output is the same either way.
+        Returns r: [..., H, d_h], dtype of ``o``. Raises ValueError for a wrong input or mask shape."""
         if o.dim() < 2 or o.shape[-2:] != (self.num_heads, self.head_dim):
             raise ValueError(f"HeadwiseMemoryLayer expects input [..., {self.num_heads}, {self.head_dim}] "
                              f"(heads, head_dim), got {tuple(o.shape)}")
         lead = o.shape[:-2]
+        _check_token_mask(token_mask, lead, o)
         q = o.reshape(-1, self.num_heads, self.head_dim)
         if self.query_norm is not None:
             q = self.query_norm(q)
@@ -225,7 +274,7 @@ class HeadwiseMemoryLayer(nn.Module):
         recording = self.track_stats and not self.training
         w = self.topk_weights(scores, allow_16bit=not recording)
         if recording:
-            self.stats.update(idx, w)
+            self.stats.update(idx, w, token_mask)
         # The indices come from pk_topk, in [0, n*n) by construction: no host-side range check
         # (on CUDA a synchronisation, which would also break CUDA graph capture).
         r = hive_gather(w.to(dt), idx, self.bank.to(dt), self.proj.to(dt), deterministic=self.deterministic,
@@ -294,7 +343,7 @@ class ProductKeyMemory(nn.Module):
             raise ValueError(f"value_init must be 'normal' or 'zeros', got {value_init!r}")
         self.d_model, self.num_heads, self.n, self.k, self.d_k, self.d_out = d_model, num_heads, n, k, d_k, d_out
         self.tau, self.value_init = float(tau), value_init
-        self.query = nn.Linear(d_model, num_heads * d_k, bias=False)
+        self.query = _InputDtypeLinear(d_model, num_heads * d_k, bias=False)
         self.subkeys = nn.Parameter(torch.empty(num_heads, 2, n, d_k // 2))
         self.values = nn.Parameter(torch.empty(n * n, d_out))
         self.log_tau = nn.Parameter(torch.empty(num_heads)) if learn_tau else None
@@ -313,17 +362,20 @@ class ProductKeyMemory(nn.Module):
         if self.log_tau is not None:
             nn.init.constant_(self.log_tau, math.log(self.tau))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [..., d]; token_mask: optional [...], the tokens the usage statistics count (see
+        :meth:`HeadwiseMemoryLayer.forward`). Returns [..., d_out], dtype of ``x``."""
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"ProductKeyMemory expects input [..., {self.d_model}], got {tuple(x.shape)}")
         lead = x.shape[:-1]
+        _check_token_mask(token_mask, lead, x)
         dt = x.dtype
-        q = F.linear(x.reshape(-1, self.d_model), self.query.weight.to(dt)).view(-1, self.num_heads, self.d_k)
+        q = self.query(x.reshape(-1, self.d_model)).view(-1, self.num_heads, self.d_k)
         scores, idx = pk_topk(q, self.subkeys.to(dt), self.k)
         recording = self.track_stats and not self.training
         w = self.topk_weights(scores, allow_16bit=not recording)
         if recording:
-            self.stats.update(idx, w)
+            self.stats.update(idx, w, token_mask)
         # Summing heads equals one bag of H_m * k rows per token: no [N, H_m, d_out] intermediate.
         N = q.shape[0]
         bag = self.num_heads * self.k

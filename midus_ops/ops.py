@@ -23,6 +23,31 @@ class MidusExtensionWarning(RuntimeWarning):
     """The compiled extension ``midus_ops._C`` could not be used; the reference runs instead."""
 
 
+# The argument names of each op's schema, as csrc/midus_ops.cpp defines them and this file calls them.
+_SCHEMAS = {
+    "pk_topk": ("q", "subkeys", "k"),
+    "pk_topk_backward": ("grad_scores", "q", "subkeys", "indices", "need_q", "need_subkeys", "check_indices"),
+    "hive_gather": ("weights", "indices", "bank", "proj", "deterministic", "check_indices"),
+    "hive_gather_backward": ("grad_out", "weights", "indices", "bank", "proj", "deterministic", "need_weights",
+                             "need_bank", "need_proj", "check_indices"),
+}
+
+
+def _schema_problems() -> Optional[str]:
+    """What is wrong with the ops the loaded extension registered, or None."""
+    problems = []
+    for op, names in _SCHEMAS.items():
+        try:
+            schema = getattr(torch.ops.midus_ops, op).default._schema
+        except (AttributeError, RuntimeError):
+            problems.append(f"no midus_ops::{op}")
+            continue
+        got = tuple(a.name for a in schema.arguments)
+        if got != names:
+            problems.append(f"midus_ops::{op}({', '.join(got)}) where ({', '.join(names)}) is expected")
+    return "; ".join(problems) or None
+
+
 def _load_extension() -> Optional[str]:
     if os.environ.get("MIDUS_OPS_DISABLE_EXTENSION", "") not in ("", "0"):
         return "disabled by MIDUS_OPS_DISABLE_EXTENSION"
@@ -30,9 +55,15 @@ def _load_extension() -> Optional[str]:
     try:
         if importlib.util.find_spec(f"{__package__}._C") is None:
             return f"not built: no {__package__}/_C*.so beside {os.path.dirname(__file__)}/__init__.py"
-        from . import _C  # noqa: F401  (loading it registers torch.ops.midus_ops.*)
+        from . import _C  # (loading it registers torch.ops.midus_ops.*)
     except Exception as e:  # e.g. built against another torch: undefined symbols
         return f"{type(e).__name__}: {e}"
+    # A module that loads but registers other ops (a stale build of an older midus_ops, or a
+    # foreign one) would crash the registrations below: fall back instead, saying what is wrong.
+    problems = _schema_problems()
+    if problems:
+        return (f"{getattr(_C, '__file__', _C)} loaded but does not register the ops of this midus_ops (a stale "
+                f"or foreign build): {problems}")
     return None
 
 
@@ -171,9 +202,10 @@ def hive_gather(
         check_indices: True (default) checks every index before reading; on CUDA that is a
             host-side check, i.e. a stream synchronisation (skipped while a CUDA graph is being
             captured). False means the caller guarantees 0 <= indices < R, as for indices from
-            :func:`pk_topk` with R = n * n (the layers pass False): the CUDA kernels then skip the
-            synchronisation, and a bad index fails as an asynchronous device-side assert naming
-            ``indices`` instead of an IndexError. The CPU kernels check either way.
+            :func:`pk_topk` with R = n * n (the layers pass False): no synchronisation then, with
+            the CUDA kernels or the reference, and a bad index fails as an asynchronous
+            device-side assert instead of an IndexError. The CPU kernels check either way (the
+            CPU reference leaves it to ``F.embedding``: an IndexError).
 
     Returns:
         out: [N, H, d_v], dtype of ``bank``; sums are accumulated in fp32 (fp64 for fp64).
@@ -211,7 +243,7 @@ def hive_gather(
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     if has_kernel("hive_gather", bank.device):
         return torch.ops.midus_ops.hive_gather(weights, indices, bank, proj, deterministic, bool(check_indices))
-    return hive_gather_ref(weights, indices, bank, proj)
+    return hive_gather_ref(weights, indices, bank, proj, check_indices=bool(check_indices))
 
 
 # --------------------------------------------------------------------------------------------

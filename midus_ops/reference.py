@@ -10,12 +10,27 @@ memory-hungry on large inputs: that cost is what the kernels remove.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["pk_topk_ref", "hive_gather_ref", "topk_lower_index_wins"]
+
+
+def _outside_autocast(fn):
+    """Run ``fn`` with autocast off on its first argument's device: the reference computes in
+    fp32 (fp64) as it says; under autocast its einsums would run in bf16/fp16 and select other
+    slots than the kernels (which autocast does not reach)."""
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        dev = first.device.type
+        off = torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else contextlib.nullcontext()
+        with off:
+            return fn(first, *args, **kwargs)
+    return wrapper
 
 
 def topk_lower_index_wins(scores: torch.Tensor, index: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -32,6 +47,7 @@ def topk_lower_index_wins(scores: torch.Tensor, index: torch.Tensor, k: int) -> 
     return torch.gather(scores, -1, order), torch.gather(index, -1, order)
 
 
+@_outside_autocast
 def pk_topk_ref(q: torch.Tensor, subkeys: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Product-key scoring and top-k, per head (spec 1.1).
 
@@ -65,11 +81,14 @@ def pk_topk_ref(q: torch.Tensor, subkeys: torch.Tensor, k: int) -> Tuple[torch.T
     return scores.to(q.dtype), indices
 
 
+@_outside_autocast
 def hive_gather_ref(
     weights: torch.Tensor,
     indices: torch.Tensor,
     bank: torch.Tensor,
     proj: Optional[torch.Tensor] = None,
+    *,
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """Weighted gather from a shared latent bank, then a per-head projection (spec 1.2, HIVE).
 
@@ -78,6 +97,9 @@ def hive_gather_ref(
         indices: [N, H, k] int32 or int64 rows of ``bank``, each in [0, R).
         bank: [R, d_z] shared latent bank.
         proj: [H, d_z, d_v] per-head projections, or None (then d_v = d_z).
+        check_indices: True checks the index range first, on the host: on CUDA a stream
+            synchronisation (skipped while a CUDA graph is being captured). False leaves a bad
+            index to ``F.embedding`` (an IndexError on CPU, a device-side assert on CUDA).
 
     Returns:
         out: [N, H, d_v], dtype of ``bank``.
@@ -88,7 +110,8 @@ def hive_gather_ref(
         IndexError: an index is negative or >= R (torch indexing would wrap negatives).
     """
     R = bank.shape[0]
-    if indices.numel() and indices.device.type != "meta" and not torch.compiler.is_compiling():
+    if (check_indices and indices.numel() and indices.device.type != "meta" and not torch.compiler.is_compiling()
+            and not (indices.is_cuda and torch.cuda.is_current_stream_capturing())):
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= R:
             raise IndexError(f"hive_gather: indices out of range: found {lo if lo < 0 else hi}, "

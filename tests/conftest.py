@@ -9,6 +9,33 @@ _os.environ.setdefault("MIDUS_OPS_CUDA_KERNELS", "1")
 import pytest as _pytest_shared  # noqa: E402
 
 
+@_pytest_shared.fixture(autouse=True)
+def _compiled_extension_present(request):
+    """Tests marked ``kernels`` check the compiled kernels: they fail, saying why, when the
+    extension is missing, unless MIDUS_TEST_ALLOW_FALLBACK=1 (see op_testing.py)."""
+    if request.node.get_closest_marker("kernels") is None:
+        return
+    import midus_ops
+    from op_testing import fallback_allowed, missing_extension_message
+
+    if not midus_ops.EXTENSION_AVAILABLE and not fallback_allowed():
+        _pytest_shared.fail(missing_extension_message(), pytrace=False)
+
+
+@_pytest_shared.fixture(params=["reference", "kernel"])
+def impl(request, monkeypatch):
+    """The public ops (and the layers) on the reference, as without a compiled kernel (the
+    fallback, and CUDA by default today), or on the compiled kernels: each test runs on both."""
+    import midus_ops.ops as ops_mod
+    from op_testing import require_extension
+
+    if request.param == "reference":
+        monkeypatch.setattr(ops_mod, "_KERNELS", {})
+    else:
+        require_extension()
+    return request.param
+
+
 @_pytest_shared.fixture(scope="module")
 def one_thread():
     """Small models run fastest on one torch thread, and do not stall when the CPUs are shared."""

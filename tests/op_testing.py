@@ -1,11 +1,42 @@
 """What the operator tests share: dtypes, tolerances, seeding, comparison, tie-heavy inputs."""
 from __future__ import annotations
 
+import os
 import zlib
 
+import pytest
 import torch
 
+import midus_ops
 from midus_ops.reference import pk_topk_ref
+
+# Without the compiled extension the public ops run the reference, so a test of "kernel against
+# reference" compares the reference with itself and passes for nothing. Such tests (marked
+# ``kernels``; tests/conftest.py) fail then, unless this variable says the fallback is what is
+# being tested (CI's fallback job): then they run on the reference, and those that need the
+# kernels themselves skip (:func:`require_extension`).
+ALLOW_FALLBACK_ENV = "MIDUS_TEST_ALLOW_FALLBACK"
+
+
+def fallback_allowed() -> bool:
+    return os.environ.get(ALLOW_FALLBACK_ENV, "") not in ("", "0")
+
+
+def missing_extension_message() -> str:
+    return (f"the compiled extension midus_ops._C is not available ({midus_ops.EXTENSION_ERROR}): this test "
+            f"checks the compiled kernels, and without them it would compare the reference with itself. Build "
+            f"it (`pip install --no-build-isolation .`, or `python setup.py build_ext --inplace` in a checkout), "
+            f"or set {ALLOW_FALLBACK_ENV}=1 if the pure-PyTorch fallback is what you mean to test.")
+
+
+def require_extension() -> None:
+    """For a test that needs the compiled kernels themselves: fails without them, or skips when
+    the fallback is what is being tested (``MIDUS_TEST_ALLOW_FALLBACK=1``)."""
+    if midus_ops.EXTENSION_AVAILABLE:
+        return
+    if fallback_allowed():
+        pytest.skip(missing_extension_message())
+    pytest.fail(missing_extension_message(), pytrace=False)
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 I32, I64 = torch.int32, torch.int64

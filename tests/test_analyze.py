@@ -42,23 +42,30 @@ def setup(one_thread, tiny_tokenizer):
     base = make_tiny_llama(len(tiny_tokenizer), seed=0, layers=4)
     ids = torch.tensor(tiny_tokenizer(TINY_TEXT)["input_ids"][:TOKENS], dtype=torch.long)
     assert ids.numel() == TOKENS
-    hml = _randomise(midus.upscale(base, "midus", num_blocks=2, n=8, k=4, d_z=16).eval())
+    # tau != 1 (the default 1 skips the division): a lost temperature shows in the losses
+    hml = _randomise(midus.upscale(base, "midus", num_blocks=2, n=8, k=4, d_z=16, tau=0.5).eval())
     pkm = _randomise(midus.upscale(base, "midus", num_blocks=2, memory="pkm", n=8, k=4, pkm_heads=2,
-                                   pkm_d_k=16).eval(), std=0.2)
+                                   pkm_d_k=16, tau=0.5).eval(), std=0.2)
     base_loss = _loss(base, ids)
     return {"base": base, "ids": ids, "hml": hml, "pkm": pkm, "base_loss": base_loss}
 
 
-def test_replacement_forward_reproduces_layer_exactly(one_thread):
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_replacement_forward_reproduces_layer_exactly(one_thread, tau):
     torch.manual_seed(0)
     for query_norm in ("none", "rms"):
-        hml = HeadwiseMemoryLayer(4, 16, n=8, k=4, d_z=32, query_norm=query_norm).eval()
+        hml = HeadwiseMemoryLayer(4, 16, n=8, k=4, d_z=32, query_norm=query_norm, tau=tau).eval()
         torch.nn.init.normal_(hml.bank)
         o = torch.randn(3, 5, 4, 16)
         assert torch.equal(A.memory_forward(hml, o), hml(o))
-    pkm = ProductKeyMemory(32, num_heads=3, n=8, k=4, d_k=16).eval()
+    pkm = ProductKeyMemory(32, num_heads=3, n=8, k=4, d_k=16, tau=tau).eval()
     x = torch.randn(2, 7, 32)
     assert torch.equal(A.memory_forward(pkm, x), pkm(x))
+    # the recorded weights against softmax(scores / tau) computed here
+    seen = []
+    A.memory_forward(pkm, x, record=lambda idx, w: seen.append(w))
+    scores, _ = pk_topk((x.reshape(-1, 32) @ pkm.query.weight.detach().t()).view(-1, 3, 16), pkm.subkeys.detach(), 4)
+    torch.testing.assert_close(seen[0], torch.softmax(scores.double() / tau, -1).float())
     # the override installs and removes an instance forward, statistics untouched
     hml.reset_memory_stats()
     with A.override_memory({hml: A.zero_heads([1])}):
@@ -81,6 +88,20 @@ def test_slot_scores_match_pk_topk(one_thread):
     a, b = fixed[1, 2] // 8, fixed[1, 2] % 8
     want = q[4, 1, :8] @ hml.subkeys[1, 0, a] + q[4, 1, 8:] @ hml.subkeys[1, 1, b]
     torch.testing.assert_close(s[4, 1, 2], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["hml", "pkm"])
+def test_override_runs_in_a_padded_batch(setup, kind):
+    """A MIDUS block hands its memory the padding mask (token_mask); the replacement forward of
+    override_memory takes it too, and gives the layer's output."""
+    model, ids = setup[kind], setup["ids"][:16].view(2, 8)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        with A.override_memory({m: None for _, m in A.memory_blocks(model)}):
+            got = model(ids, attention_mask=mask).logits
+    assert torch.equal(got, want)
 
 
 def test_patched_model_loss_is_the_models_loss(setup):

@@ -19,6 +19,17 @@ from midus.bench.plot import plot_results
 from midus.bench.report import all_records, check_targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env():
+    """The environment of a benchmarks/*.py child: it must import the midus this process imported
+    (site-packages under CI, with its compiled extension), not the source folder ROOT, whose
+    midus_ops has no built _C there (the child would time the reference and say nothing)."""
+    import midus
+
+    installed = os.path.dirname(os.path.dirname(os.path.abspath(midus.__file__)))
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([installed] + rest)}
 REQUIRED = ("subject", "case", "impl", "mode", "baseline", "dtype", "shape", "device", "torch", "cuda", "git_commit")
 
 
@@ -121,7 +132,7 @@ def test_plot_script_makes_pngs(quick_results, tmp_path):
     # the same through benchmarks/plot.py (what the README tells users to run)
     out = tmp_path / "script"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plot.py"), path, "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+                          capture_output=True, text=True, timeout=300, env=child_env())
     assert proc.returncode == 0, proc.stderr
     assert len(list(out.glob("*.png"))) == 4
 
@@ -213,7 +224,7 @@ def test_compile_baseline_and_subject_script(tmp_path):
     """The torch.compile baseline runs (ops.pk_topk, --compile), through benchmarks/bench_ops.py."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_ops.py"), "pk_topk", "--quick",
                            "--compile", "--out", str(tmp_path), "--quiet"], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
+                          timeout=600, env=child_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = all_records(json.loads(next(tmp_path.glob("*.json")).read_text()))
     comp = [r for r in recs if r["impl"] == "compile(eager)"]
@@ -223,3 +234,81 @@ def test_compile_baseline_and_subject_script(tmp_path):
 def test_gpu_scripts_parse():
     for script in ("gpu_check.sh", "gpu_suite.sh"):
         subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)], check=True)
+
+
+# --------------------------------------------------------------------- target checks (issue 12 item 9)
+
+def _record(subject, case, impl, mode, baseline, **fields):
+    return dict(subject=subject, case=case, impl=impl, mode=mode, baseline=baseline, **fields)
+
+
+def _records_for(target, value):
+    """Made-up records of one target: its implementation with ``value`` in the target's field,
+    and a measured baseline."""
+    subj, case, impl, mode, fld = target[:5]
+    baseline = {"ops": "eager", "blocks": "dus_block", "models": "base", "decode": "ffn"}[subj]
+    return [_record(subj, case, impl, mode, baseline, time_ms={"median": 1.0}, **{fld: value}),
+            _record(subj, case, baseline, mode, baseline, time_ms={"median": 2.0})]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_check_targets_on_both_sides_of_each_limit(device):
+    """Every target, with a value 1% inside and 1% outside its limit (and exactly at it): met
+    follows the limit's direction; "about" targets are never met or missed."""
+    from midus.bench.report import TARGETS, targets_table
+
+    for target in TARGETS:
+        subj, case, impl, mode, fld, op, limit, on, what = target
+        if on == "cpu" and device != "cpu":
+            assert what not in {t["target"] for t in check_targets(_records_for(target, limit), device, "full")}
+            continue
+        inside, outside = (1.01 * limit, 0.99 * limit) if op == ">=" else (0.99 * limit, 1.01 * limit)
+        for value, expected in ((inside, True), (limit, True), (outside, False)):
+            got = [t for t in check_targets(_records_for(target, value), device, "full") if t["target"] == what]
+            assert len(got) == 1, (what, got)
+            t = got[0]
+            assert t["value"] == value and t["limit"] == limit and t["applies"] == (on == device)
+            assert t["met"] is (None if op == "~" else expected), (what, value, t)
+            assert ("NO" in targets_table(got)) == (t["met"] is False)
+    # --quick sizes are never what a target is set for
+    target = TARGETS[0]
+    assert not check_targets(_records_for(target, 1e9), target[7], "quick")[0]["applies"]
+
+
+def test_check_targets_reports_a_failed_run_as_not_met():
+    """A target whose baseline (or implementation) failed has no value: reported not met, saying
+    why, instead of vanishing from the table; a skipped one is reported as not measured."""
+    from midus.bench.report import targets_table
+
+    def one(records):
+        got = [t for t in check_targets(records, "cuda", "full") if t["target"] == "HML op fwd >= 20x eager"]
+        assert len(got) == 1, got
+        return got[0]
+
+    ok = _record("ops", "hml", "midus_ops", "fwd", "eager", time_ms={"median": 1.0})
+    t = one([ok, _record("ops", "hml", "eager", "fwd", "eager", error="RuntimeError: out of memory")])
+    assert t["met"] is False and t["value"] is None and "baseline eager failed" in t["why"] and "memory" in t["why"]
+    assert "NO" in targets_table([t]) and "baseline eager failed" in targets_table([t])
+    t = one([ok])  # the baseline has no record at all
+    assert t["met"] is False and "baseline eager not measured" in t["why"]
+    t = one([_record("ops", "hml", "midus_ops", "fwd", "eager", error="CUDA error: an illegal memory access"),
+             _record("ops", "hml", "eager", "fwd", "eager", time_ms={"median": 9.0})])
+    assert t["met"] is False and "midus_ops failed: CUDA error" in t["why"]
+    t = one([ok, _record("ops", "hml", "eager", "fwd", "eager", skipped="time budget exhausted")])
+    assert t["met"] is None and "skipped" in t["why"]
+    # a subject that did not run at all reports nothing
+    assert check_targets([], "cuda", "full") == []
+
+
+def test_benchmark_scripts_import_the_midus_under_test(tmp_path):
+    """benchmarks/*.py children (started as the tests start them) import the same midus and
+    midus_ops as this process, so they measure the build under test."""
+    import midus
+    import midus_ops
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import _entry, midus, midus_ops; "
+            "print(midus.__file__); print(midus_ops.__file__); print(midus_ops.EXTENSION_AVAILABLE)")
+    proc = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "benchmarks")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [midus.__file__, midus_ops.__file__, str(midus_ops.EXTENSION_AVAILABLE)]

@@ -30,8 +30,8 @@ from midus_ops.reference import hive_gather_ref
 
 CUDA_OK = torch.cuda.is_available() and midus_ops.has_kernel("hive_gather", torch.device("cuda")) \
     and midus_ops.has_kernel("hive_gather_backward", torch.device("cuda"))
-pytestmark = pytest.mark.skipif(
-    not CUDA_OK, reason=f"needs a GPU and the compiled CUDA kernels (extension: {midus_ops.EXTENSION_ERROR or 'ok'})")
+pytestmark = [pytest.mark.kernels, pytest.mark.skipif(
+    not CUDA_OK, reason=f"needs a GPU and the compiled CUDA kernels (extension: {midus_ops.EXTENSION_ERROR or 'ok'})")]
 
 
 def rand_inputs(N, H, k, R, d_z, d_v, dtype, idx_dtype, requires_grad=True, idx=None):

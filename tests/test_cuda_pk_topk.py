@@ -34,6 +34,7 @@ needs_cuda = pytest.mark.skipif(
     not CUDA_OK, reason=f"needs a GPU and the compiled CUDA kernels (extension: {midus_ops.EXTENSION_ERROR or 'ok'})")
 CPU_KERNEL = midus_ops.has_kernel("pk_topk", torch.device("cpu"))
 DEV = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+pytestmark = pytest.mark.kernels  # fails without the extension (conftest), unless MIDUS_TEST_ALLOW_FALLBACK=1
 
 
 def rand_pk(N, H, d_k, n, dtype, device, requires_grad=False):

@@ -15,6 +15,10 @@ Ways of making the extension unavailable:
   ``midus_ops._C`` (an import hook refusing the module).
 * ``env``: ``MIDUS_OPS_DISABLE_EXTENSION=1``.
 * ``missing``: a copy of the package's Python files without any ``_C*.so`` (never built).
+* ``noops``: a ``midus_ops._C`` that loads but registers no op (a foreign build).
+* ``stale``: a ``midus_ops._C`` that registers ``pk_topk`` and an older ``hive_gather`` schema
+  (no ``check_indices``), and no backward ops (a build of an older midus_ops).
+In ``noops`` and ``stale`` the child also imports ``midus`` (which crashed there before).
 """
 from __future__ import annotations
 
@@ -42,22 +46,43 @@ CHILD = textwrap.dedent(r'''
         def exec_module(self, module):
             raise ImportError(REASON)
 
+    class _WrongOpsLoader(importlib.abc.Loader):
+        """A module that loads fine but registers no op (noops) or the wrong ones (stale)."""
+        def create_module(self, spec):
+            return None
+        def exec_module(self, module):
+            module.__file__ = "/fake/midus_ops/_C.so"
+            if MODE == "stale":
+                import torch
+                module.lib = torch.library.Library("midus_ops", "DEF")
+                module.lib.define("pk_topk(Tensor q, Tensor subkeys, int k) -> (Tensor scores, Tensor indices)")
+                module.lib.define("hive_gather(Tensor weights, Tensor indices, Tensor bank, Tensor? proj, "
+                                  "bool deterministic) -> Tensor")
+
     class _Blocker(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name != "midus_ops._C":
                 return None
             if MODE == "finder":
                 raise ImportError(REASON)
+            if MODE in ("noops", "stale"):
+                return importlib.machinery.ModuleSpec(name, _WrongOpsLoader())
             return importlib.machinery.ModuleSpec(name, _FailingLoader())
 
-    if MODE in ("loader", "finder"):
+    if MODE in ("loader", "finder", "noops", "stale"):
         sys.meta_path.insert(0, _Blocker())
+    if MODE == "missing":
+        # An editable install of midus elsewhere (setuptools' finder) would supply ITS midus_ops._C
+        # to this copy, which has none: this case is about a copy without any.
+        sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
 
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")   # a second warning would be recorded, not deduplicated
         import midus_ops
         import midus_ops.ops, midus_ops.layers, midus_ops.reference
         import midus_ops as again          # importing again must not warn again
+        if MODE in ("noops", "stale"):
+            import midus                   # imports midus_ops' layers and registers the model
     ext_warnings = [str(w.message) for w in rec if issubclass(w.category, midus_ops.MidusExtensionWarning)]
     other_warnings = [f"{w.category.__name__}: {w.message}" for w in rec
                       if not issubclass(w.category, midus_ops.MidusExtensionWarning)]
@@ -104,18 +129,23 @@ CHILD = textwrap.dedent(r'''
         assert "indices" in str(e), e
 
     # --- the layers work, and equal a direct reference computation ---
-    layer = midus_ops.HeadwiseMemoryLayer(num_heads=3, head_dim=8, n=7, k=4, d_z=10)
+    # (tau = 0.5: the default 1 skips the division, so a lost temperature would pass unseen)
+    layer = midus_ops.HeadwiseMemoryLayer(num_heads=3, head_dim=8, n=7, k=4, d_z=10, tau=0.5)
     with torch.no_grad():
         layer.bank.normal_()
     o = torch.randn(2, 5, 3, 8)
     r = layer(o)
     s, i = ref.pk_topk_ref(o.reshape(-1, 3, 8), layer.subkeys, 4)
-    want = ref.hive_gather_ref(torch.softmax(s.float(), -1), i, layer.bank, layer.proj).reshape(r.shape)
+    want = ref.hive_gather_ref(torch.softmax(s.float() / 0.5, -1), i, layer.bank, layer.proj).reshape(r.shape)
     assert torch.allclose(r, want, rtol=1e-6, atol=1e-6)
     r.square().sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
-    pkm = midus_ops.ProductKeyMemory(d_model=12, num_heads=2, n=5, k=3, d_k=6)
-    y = pkm(torch.randn(4, 12))
+    pkm = midus_ops.ProductKeyMemory(d_model=12, num_heads=2, n=5, k=3, d_k=6, tau=2.0)
+    x = torch.randn(4, 12)
+    y = pkm(x)
+    s, i = ref.pk_topk_ref((x @ pkm.query.weight.t()).view(4, 2, 6), pkm.subkeys, 3)
+    want = (torch.softmax(s.float() / 2.0, -1)[..., None] * pkm.values[i]).sum((1, 2))
+    assert torch.allclose(y, want, rtol=1e-5, atol=1e-6)
     y.sum().backward()
     assert y.shape == (4, 12) and pkm.values.grad is not None
 
@@ -188,14 +218,20 @@ def _run_child(mode: str, tmp_path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mode", ["loader", "finder", "env", "missing"])
+@pytest.mark.parametrize("mode", ["loader", "finder", "env", "missing", "noops", "stale"])
 def test_fallback_when_extension_unavailable(mode, tmp_path):
     report = run_child(mode, tmp_path)
     assert report["available"] is False
     assert report["has_kernel"] is False
     assert len(report["ext_warnings"]) == 1, f"expected exactly one MidusExtensionWarning: {report['ext_warnings']}"
     message = report["ext_warnings"][0]
-    reason = {"env": "MIDUS_OPS_DISABLE_EXTENSION", "missing": "not built"}.get(mode, BLOCK_REASON)
+    reason = {"env": "MIDUS_OPS_DISABLE_EXTENSION", "missing": "not built",
+              "noops": "/fake/midus_ops/_C.so loaded but does not register the ops of this midus_ops (a stale or "
+                       "foreign build): no midus_ops::pk_topk; no midus_ops::pk_topk_backward; no "
+                       "midus_ops::hive_gather; no midus_ops::hive_gather_backward",
+              "stale": "no midus_ops::pk_topk_backward; midus_ops::hive_gather(weights, indices, bank, proj, "
+                       "deterministic) where (weights, indices, bank, proj, deterministic, check_indices) is "
+                       "expected; no midus_ops::hive_gather_backward"}.get(mode, BLOCK_REASON)
     assert reason in message, f"the warning does not name the reason {reason!r}: {message!r}"
     assert reason in report["error"], report["error"]
     if mode == "missing":
@@ -233,3 +269,34 @@ def test_fallback_bf16_bank_grad_accumulates_in_fp32(tmp_path):
     report = run_child("env", tmp_path)
     assert report["bf16_bank_grad_rel_err"] <= 2.0 ** -6, \
         f"bf16 bank gradient off by {report['bf16_bank_grad_rel_err']:.3g} of its max: accumulated in bf16?"
+
+
+# Without the extension, the tests of the compiled kernels must fail, saying why, unless
+# MIDUS_TEST_ALLOW_FALLBACK=1 says the fallback is what is being tested (tests/op_testing.py).
+KERNEL_TESTS = ["tests/test_ops.py::test_extension_registers_cpu_kernels",      # of the compiled ops
+                "tests/test_ops.py::test_tie_rule_public_op_hand_made[stage2-fp32-cpu]",  # kernel vs reference
+                "tests/test_pk_select.py::test_nan_scores_do_not_crash_and_rank_first"]
+
+
+def _pytest_child(tmp_path, **env_vars):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MIDUS_OPS_DISABLE_EXTENSION="1", **env_vars)
+    if "MIDUS_TEST_ALLOW_FALLBACK" not in env_vars:
+        env.pop("MIDUS_TEST_ALLOW_FALLBACK", None)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *KERNEL_TESTS],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_kernel_tests_fail_without_the_extension(tmp_path):
+    proc = _pytest_child(tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "3 error" in out and "passed" not in out and "skipped" not in out, out[-3000:]
+    assert "MIDUS_TEST_ALLOW_FALLBACK=1" in out and "disabled by MIDUS_OPS_DISABLE_EXTENSION" in out, out[-3000:]
+
+
+def test_kernel_tests_with_the_fallback_allowed(tmp_path):
+    proc = _pytest_child(tmp_path, MIDUS_TEST_ALLOW_FALLBACK="1")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "1 passed, 2 skipped" in out, out[-3000:]  # the public op runs on the reference

@@ -54,27 +54,29 @@ OUT_TOL = dict(rtol=1e-5, atol=1e-6)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
 
 
-def hml_direct(layer: HeadwiseMemoryLayer, o: torch.Tensor) -> torch.Tensor:
+def hml_direct(layer: HeadwiseMemoryLayer, o: torch.Tensor, tau: float) -> torch.Tensor:
     """r = hive_gather(softmax(pk_topk(norm(o)) / tau), bank, proj) from the reference ops,
-    written out: r[t, h] = sum_j w[t, h, j] * (bank[idx[t, h, j]] @ proj[h])."""
+    written out: r[t, h] = sum_j w[t, h, j] * (bank[idx[t, h, j]] @ proj[h]). ``tau`` is the one
+    the test built the layer with (not read back from the layer: that would test nothing)."""
     H, d_h = layer.num_heads, layer.head_dim
     q = o.reshape(-1, H, d_h)
     if layer.query_norm is not None:
         qf = q.double()
         q = qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + layer.query_norm.eps) * layer.query_norm.weight.double()
     scores, idx = pk_topk_ref(q.double(), layer.subkeys.double(), layer.k)
-    w = softmax_fp32(scores, layer.tau)
+    w = softmax_fp32(scores, tau)
     values = torch.einsum("rz,hzv->hrv", layer.bank.double(), layer.proj.double())   # [H, R, d_h]
     heads = torch.arange(H, device=o.device).view(1, H, 1)
     r = (w[..., None] * values[heads, idx]).sum(dim=2)
     return r.reshape(o.shape)
 
 
-def pkm_direct(layer: ProductKeyMemory, x: torch.Tensor) -> torch.Tensor:
-    """out[t] = sum_h sum_j w[t, h, j] * values[idx[t, h, j]] from the reference pk_topk."""
+def pkm_direct(layer: ProductKeyMemory, x: torch.Tensor, tau: float) -> torch.Tensor:
+    """out[t] = sum_h sum_j w[t, h, j] * values[idx[t, h, j]] from the reference pk_topk, with
+    w = softmax(scores / tau) (tau as for hml_direct)."""
     q = (x.reshape(-1, layer.d_model).double() @ layer.query.weight.double().t()).view(-1, layer.num_heads, layer.d_k)
     scores, idx = pk_topk_ref(q, layer.subkeys.double(), layer.k)
-    w = softmax_fp32(scores, layer.tau)
+    w = softmax_fp32(scores, tau)
     out = (w[..., None] * layer.values.double()[idx]).sum(dim=(1, 2))
     return out.reshape(*x.shape[:-1], layer.d_out)
 
@@ -132,17 +134,19 @@ def test_hml_output_shape_and_value(lead, device):
     o = torch.randn(*lead, 3, 8, dtype=torch.float64, device=device)
     r = layer(o)
     assert r.shape == o.shape and r.dtype == o.dtype
-    torch.testing.assert_close(r, hml_direct(layer, o), **OUT_TOL)
+    torch.testing.assert_close(r, hml_direct(layer, o, 1.0), **OUT_TOL)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_hml_float32_matches_direct(device):
+@pytest.mark.parametrize("tau", [1.0, 0.4, 2.5])
+def test_hml_float32_matches_direct(tau, device):
     """fp32 parameters and input: the layer (C++ kernels on CPU) against the fp64 direct
-    computation with fp32 tolerances (the random inputs have no near-ties at this size)."""
-    seed("hml-fp32")
-    layer = randomize_(HeadwiseMemoryLayer(num_heads=4, head_dim=16, n=8, k=4, d_z=20)).to(device)
+    computation with fp32 tolerances (the random inputs have no near-ties at this size), at the
+    default temperature and at two others (tau = 1 skips the division)."""
+    seed("hml-fp32", tau)
+    layer = randomize_(HeadwiseMemoryLayer(num_heads=4, head_dim=16, n=8, k=4, d_z=20, tau=tau)).to(device)
     o = torch.randn(6, 5, 4, 16, device=device)
-    torch.testing.assert_close(layer(o).double(), hml_direct(layer, o), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer(o).double(), hml_direct(layer, o, tau), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -167,11 +171,12 @@ def test_hml_zero_bank_zero_output_but_bank_gradient(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_hml_gradients_match_direct(device):
+@pytest.mark.parametrize("tau", [1.0, 0.4])
+def test_hml_gradients_match_direct(tau, device):
     """Gradients of every parameter and of the input (fp64) against autograd through the direct
     reference computation."""
-    seed("hml-grad")
-    layer = randomize_(HeadwiseMemoryLayer(num_heads=2, head_dim=6, n=5, k=3, d_z=7, query_norm="rms"))
+    seed("hml-grad", tau)
+    layer = randomize_(HeadwiseMemoryLayer(num_heads=2, head_dim=6, n=5, k=3, d_z=7, query_norm="rms", tau=tau))
     layer = layer.double().to(device)
     with torch.no_grad():
         layer.query_norm.weight.uniform_(0.5, 1.5)
@@ -179,7 +184,7 @@ def test_hml_gradients_match_direct(device):
     g = torch.randn(4, 2, 6, dtype=torch.float64, device=device)
     params = [o] + list(layer.parameters())
     got = torch.autograd.grad(layer(o), params, g)
-    want = torch.autograd.grad(hml_direct(layer, o), params, g)
+    want = torch.autograd.grad(hml_direct(layer, o, tau), params, g)
     for p, a, b in zip(["input"] + [n for n, _ in layer.named_parameters()], got, want):
         torch.testing.assert_close(a, b, **GRAD_TOL, msg=lambda m: f"grad {p}: {m}")
 
@@ -249,13 +254,13 @@ def test_memory_stats(cls):
     uniform, mean entropy of the top-k weights and the token count, each recomputed here from
     pk_topk on the same queries. Training-mode forwards are not recorded; reset zeroes."""
     seed("stats", cls)
-    H, n, k = 3, 5, 3
+    H, n, k, tau = 3, 5, 3, 0.7
     if cls == "hml":
-        layer = randomize_(HeadwiseMemoryLayer(num_heads=H, head_dim=8, n=n, k=k, d_z=6))
+        layer = randomize_(HeadwiseMemoryLayer(num_heads=H, head_dim=8, n=n, k=k, d_z=6, tau=tau))
         batches = [torch.randn(4, 6, H, 8), torch.randn(7, H, 8)]
         queries = [b.reshape(-1, H, 8) for b in batches]
     else:
-        layer = randomize_(ProductKeyMemory(d_model=12, num_heads=H, n=n, k=k, d_k=8))
+        layer = randomize_(ProductKeyMemory(d_model=12, num_heads=H, n=n, k=k, d_k=8, tau=tau))
         batches = [torch.randn(4, 6, 12), torch.randn(7, 12)]
         queries = [(b.reshape(-1, 12) @ layer.query.weight.detach().t()).view(-1, H, 8) for b in batches]
     stats0 = layer.memory_stats()
@@ -276,7 +281,7 @@ def test_memory_stats(cls):
         scores, idx = midus_ops.pk_topk(q, layer.subkeys.detach(), k)
         for h in range(H):
             counts[h].index_add_(0, idx[:, h].flatten(), torch.ones(idx[:, h].numel(), dtype=torch.float64))
-        w = torch.softmax(scores.double() / layer.tau, dim=-1)
+        w = torch.softmax(scores.double() / tau, dim=-1)
         ent_sum += -(w * w.log()).sum(-1).sum(0)
     n_tokens = sum(q.shape[0] for q in queries)
     p = counts / counts.sum(-1, keepdim=True)
@@ -298,6 +303,74 @@ def test_memory_stats(cls):
     s = layer.memory_stats()
     assert s["tokens"].item() == 0
     assert torch.equal(s["slot_usage"], torch.zeros(H, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.long, torch.float32])
+@pytest.mark.parametrize("cls", ["hml", "pkm"])
+def test_memory_stats_token_mask(cls, mask_dtype):
+    """token_mask (the padding mask) leaves tokens out of the statistics, exactly as if only the
+    kept tokens had been given; the output is the same with or without it. A left-out row whose
+    input is NaN (what a fully masked attention row can give) does not poison the statistics."""
+    seed("stats-mask", cls)
+    H = 3
+    if cls == "hml":
+        make = lambda: randomize_(HeadwiseMemoryLayer(num_heads=H, head_dim=8, n=5, k=3, d_z=6, tau=0.7))
+        x = torch.randn(3, 6, H, 8)
+    else:
+        make = lambda: randomize_(ProductKeyMemory(d_model=12, num_heads=H, n=5, k=3, d_k=8, tau=0.7))
+        x = torch.randn(3, 6, 12)
+    masked = make().eval()
+    kept = copy.deepcopy(masked)
+    mask = torch.rand(3, 6) > 0.4
+    mask[0, 0], mask[1, 0] = True, False
+    x[1, 0] = float("nan")  # left out by the mask
+    with torch.no_grad():
+        y = masked(x, token_mask=mask.to(mask_dtype))
+        kept(x[mask])
+        unmasked = copy.deepcopy(masked)
+        torch.testing.assert_close(y[mask], unmasked(x)[mask], rtol=0, atol=0)
+    a, b = masked.memory_stats(), kept.memory_stats()
+    assert a["tokens"].item() == int(mask.sum()) and torch.equal(masked.stats.slot_counts, kept.stats.slot_counts)
+    for key in ("slot_usage", "kl_from_uniform", "weight_entropy"):  # (PKM: its fp32 query matmul
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-9)  # blocks N=18 and N=kept apart)
+    assert torch.isfinite(a["weight_entropy"]).all()
+
+
+@pytest.mark.parametrize("cls", ["hml", "pkm"])
+def test_token_mask_bad_input(cls):
+    if cls == "hml":
+        layer, x = HeadwiseMemoryLayer(num_heads=2, head_dim=8, n=4, k=2, d_z=6), torch.randn(2, 5, 2, 8)
+    else:
+        layer, x = ProductKeyMemory(d_model=12, num_heads=2, n=4, k=2, d_k=8), torch.randn(2, 5, 12)
+    with pytest.raises(ValueError, match=r"token_mask.*\(2, 5\)"):
+        layer(x, token_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="token_mask"):
+        layer(x, token_mask=[[1] * 5] * 2)
+    with pytest.raises(ValueError, match="token_mask"):
+        layer(x, token_mask=torch.ones(2, 5, dtype=torch.bool, device="meta"))
+
+
+@pytest.mark.parametrize("cls", ["hml", "pkm"])
+def test_memory_stats_of_a_layer_built_under_inference_mode(cls):
+    """A layer built (or a model loaded) under torch.inference_mode() has inference-tensor
+    buffers; recording statistics later, outside that mode, must work (an in-place update of an
+    inference tensor outside the mode raises), and so must reset. Kind: sglang #33470."""
+    seed("inference-mode", cls)
+    with torch.inference_mode():
+        if cls == "hml":
+            layer, x = randomize_(HeadwiseMemoryLayer(num_heads=2, head_dim=8, n=4, k=2, d_z=6)), torch.randn(5, 2, 8)
+        else:
+            layer, x = randomize_(ProductKeyMemory(d_model=12, num_heads=2, n=4, k=2, d_k=8)), torch.randn(5, 12)
+    assert layer.stats.tokens.is_inference()
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert layer.memory_stats()["tokens"].item() == 5
+    with torch.inference_mode():  # and inside the mode again
+        layer(x)
+    assert layer.memory_stats()["tokens"].item() == 10
+    layer.reset_memory_stats()
+    assert layer.memory_stats()["tokens"].item() == 0
 
 
 @pytest.mark.parametrize("cls", ["hml", "pkm"])
@@ -322,21 +395,21 @@ def test_stats_not_in_state_dict(cls):
 # ProductKeyMemory
 # ============================================================================================
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("d_out", [None, 10])
-def test_pkm_matches_direct(d_out, device):
+@pytest.mark.parametrize("d_out,tau", [(None, 1.0), (10, 1.0), (10, 0.4)])
+def test_pkm_matches_direct(d_out, tau, device):
     """Output = sum over memory heads of the weighted value rows (fp64, no near-ties)."""
-    seed("pkm", d_out)
-    layer = ProductKeyMemory(d_model=12, num_heads=3, n=6, k=4, d_k=8, d_out=d_out).double().to(device)
+    seed("pkm", d_out, tau)
+    layer = ProductKeyMemory(d_model=12, num_heads=3, n=6, k=4, d_k=8, d_out=d_out, tau=tau).double().to(device)
     x = torch.randn(2, 5, 12, dtype=torch.float64, device=device)
     y = layer(x)
     assert y.shape == (2, 5, d_out or 12) and y.dtype == x.dtype
-    torch.testing.assert_close(y, pkm_direct(layer, x), **OUT_TOL)
+    torch.testing.assert_close(y, pkm_direct(layer, x, tau), **OUT_TOL)
     # Gradients of every parameter and the input through the same direct computation.
     x.requires_grad_()
     g = torch.randn(2, 5, d_out or 12, dtype=torch.float64, device=device)
     params = [x] + list(layer.parameters())
     got = torch.autograd.grad(layer(x), params, g)
-    want = torch.autograd.grad(pkm_direct(layer, x), params, g)
+    want = torch.autograd.grad(pkm_direct(layer, x, tau), params, g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **GRAD_TOL)
 

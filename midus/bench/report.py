@@ -39,10 +39,27 @@ def _find(records: Iterable[Dict[str, Any]], subject, case, impl, mode) -> Optio
     return None
 
 
+def _not_measured(records: List[Dict[str, Any]], r: Dict[str, Any], fld: str):
+    """(met, why) for a record without the target's field: (False, why) when the implementation
+    or its baseline failed, (None, why) when either was skipped (e.g. time budget)."""
+    b = _find(records, r["subject"], r["case"], r.get("baseline"), r["mode"])
+    for who, rec in ((r["impl"], r), (f"baseline {r.get('baseline')}", b)):
+        if rec is None:
+            return False, f"{who} not measured"
+        if "error" in rec:
+            return False, f"{who} failed: {rec['error'][:200]}"
+        if "skipped" in rec:
+            return None, f"{who} skipped: {rec['skipped']}"
+    return False, f"no {fld} in the record"
+
+
 def check_targets(records: List[Dict[str, Any]], device: str, profile: str = "",
                   subject: Optional[str] = None) -> List[Dict[str, Any]]:
     """Every target whose record exists: value, limit, met (None for "about" targets), applies
-    (False for a GPU target on CPU, and for every target at the --quick sizes)."""
+    (False for a GPU target on CPU, and for every target at the --quick sizes).
+
+    A target whose value could not be computed (its implementation or its baseline failed) is
+    reported not met, with value None and ``why``; one that was skipped has met None and ``why``."""
     dev = "cuda" if device.startswith("cuda") else "cpu"
     out = []
     for subj, case, impl, mode, fld, op, limit, on, what in TARGETS:
@@ -51,13 +68,17 @@ def check_targets(records: List[Dict[str, Any]], device: str, profile: str = "",
         if on == "cpu" and dev != "cpu":
             continue
         r = _find(records, subj, case, impl, mode)
-        if r is None or r.get(fld) is None:
+        if r is None:
             continue
-        v = r[fld]
-        met = v >= limit if op == ">=" else v <= limit if op == "<=" else None
+        v = r.get(fld)
+        why = None
+        if v is None:
+            met, why = _not_measured(records, r, fld)
+        else:
+            met = v >= limit if op == ">=" else v <= limit if op == "<=" else None
         out.append({"target": what, "subject": subj, "case": case, "impl": impl, "mode": mode, "field": fld,
                     "value": v, "op": op, "limit": limit, "met": met, "applies": on == dev and profile != "quick",
-                    "source": "ANCHORS.md"})
+                    "source": "ANCHORS.md", **({"why": why} if why else {})})
     return out
 
 
@@ -141,7 +162,8 @@ def targets_table(targets: List[Dict[str, Any]]) -> str:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "NO")
         if not t["applies"]:
             met += " (informative: not the device or sizes the target is set for)"
-        lines.append(f"| {t['target']} | {t['field']} = {t['value']:.3f} | {met} |")
+        measured = f"{t['field']} = {t['value']:.3f}" if t["value"] is not None else f"none ({t['why']})"
+        lines.append(f"| {t['target']} | {measured} | {met} |")
     return "\n".join(lines)
 
 
