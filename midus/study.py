@@ -52,6 +52,10 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                          train={"memory_lr_scale": 10.0}, memory={"query_norm": "rms", "learn_tau": True},
                          source="a per-head learned softmax temperature (as CLIP learns its logit scale), so "
                                 "each head can sharpen its top-k weights"),
+    "lr10-decay-tau05": dict(label="memory LR 10x decaying to 1x, softmax temperature 0.5",
+                             train={"memory_lr_scale": 10.0, "memory_lr_schedule": "decay"}, memory={"tau": 0.5},
+                             source="the best LR schedule of the first round with sharper top-k weights from the start "
+                                    "(a fixed temperature below 1; the learned one stayed near 1)"),
 }
 # Reference rows under the same budget: name -> midus.upscale method.
 BASELINES: Dict[str, str] = {"llama_pro": "llama_pro"}
