@@ -16,8 +16,8 @@
 //    and source lines: a mask without the calling lane or naming lanes that do not exist, lanes
 //    at different collectives or with different masks, a collective naming an exited lane (or a
 //    lane exiting while others wait for it), a shuffle reading a lane outside its mask, threads
-//    at different __syncthreads, and deadlock (nothing can run, not everything has exited).
-//    __syncthreads waits for every thread of the block that has not exited.
+//    at different __syncthreads or at one after others of the block exited (a non-uniform
+//    return before a barrier), and deadlock (nothing can run, not everything has exited).
 //  * Shared memory: static (MIDUS_SHARED) and dynamic, one arena each per launch, filled with
 //    0xFF bytes (NaN for every float type, -1 for integers) at the start of every block; the
 //    dynamic area ends at a guard page. Launch checks: grid.x < 2^31, grid.y/z <= 65535, block
@@ -671,6 +671,12 @@ inline void syncthreads(const Site& site) {
          << lanes_str(o.arrived) << " wait for it at " << coll_name(o.kind) << " (" << site_str(o.site) << ")";
       fail(os.str());
     }
+  if (L.live < L.nthreads) {
+    std::ostringstream os;
+    os << "__syncthreads (" << site_str(site) << ") after " << L.nthreads - L.live
+       << " threads of the block exited: a barrier after a non-uniform return is undefined";
+    fail(os.str());
+  }
   if (L.at_barrier == 0) {
     L.barrier_site = site;
   } else if (!(L.barrier_site == site)) {
@@ -705,10 +711,12 @@ inline void check_exit_hazards(Launch& L, Fiber& f) {
       return;
     }
   --L.live;
-  if (L.at_barrier > 0 && L.at_barrier == L.live) {
-    for (Fiber& g : L.fibers)
-      if (g.state == FState::Barrier) g.state = FState::Ready;
-    L.at_barrier = 0;
+  if (L.at_barrier > 0) {
+    std::ostringstream os;
+    os << "thread " << f.tid << " exited while " << L.at_barrier << " threads wait at __syncthreads ("
+       << site_str(L.barrier_site) << "): a barrier after a non-uniform return is undefined";
+    L.failed = true;
+    L.error = os.str();
   }
 }
 

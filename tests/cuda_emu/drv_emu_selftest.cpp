@@ -111,11 +111,8 @@ __global__ void read_exited_lane_kernel(float* out) {
   out[lane] = __shfl_sync(0x0000ffffu, float(lane), 20);
 }
 __global__ void deadlock_kernel(float* out) {
-  if (threadIdx.x == 0) {
-    __syncthreads();
-  } else if (threadIdx.x < 32) {
-    __syncwarp();  // waits for lane 0, which waits for everyone at the barrier
-  }
+  if (threadIdx.x > 0 && threadIdx.x < 32) __syncwarp();  // waits for lane 0, which is at the barrier
+  __syncthreads();
   out[threadIdx.x] = 1.f;
 }
 __global__ void divergent_barrier_kernel(float* out) {
@@ -124,6 +121,11 @@ __global__ void divergent_barrier_kernel(float* out) {
   } else {
     __syncthreads();
   }
+  out[threadIdx.x] = 1.f;
+}
+__global__ void barrier_after_return_kernel(float* out, int n) {
+  if (int(threadIdx.x) >= n) return;
+  __syncthreads();
   out[threadIdx.x] = 1.f;
 }
 __global__ void noop_kernel(float* out) { out[threadIdx.x] = 0.f; }
@@ -166,6 +168,13 @@ EMU_CASE("emu_catches_divergent_barriers") {
   DevBuf<float> out(128, "out");
   expect_launch_error([&] { dev.launch("k", divergent_barrier_kernel, dim3(1), dim3(128), 0, out.get()); },
                       "different __syncthreads");
+}
+EMU_CASE("emu_catches_barrier_after_nonuniform_return") {
+  EmuDev dev(90);
+  DevBuf<float> out(128, "out");
+  expect_launch_error([&] { dev.launch("k", barrier_after_return_kernel, dim3(1), dim3(128), 0, out.get(), 100); },
+                      "non-uniform return");
+  dev.launch("k", barrier_after_return_kernel, dim3(1), dim3(128), 0, out.get(), 128);
 }
 EMU_CASE("emu_catches_launch_limits") {
   EmuDev dev(90);

@@ -110,6 +110,16 @@ EMU_CASE("hg_bwd_tc_choice_by_device") {
 EMU_CASE("hg_bwd_tc32_bf16_many_tiles") {
   backward<bf16, int64_t>(ctx, 90, {700, 1, 3, 40, 16, 8, true}, "bwd_tc_32", {false, false, true});
 }
+// More tiles than block slots: each block accumulates grad_proj over a run of tiles in registers.
+EMU_CASE("hg_bwd_tc32_f16_runs_of_tiles") {
+  EmuDev dev(86);
+  const auto in = make_inputs<f16, int32_t>(ctx, {9000, 2, 2, 30, 16, 8, true});
+  const int occ = midus_emu::max_active_blocks(midus::B_THREADS, midus::bwd_tc_smem_bytes(32, 16, 8, 2), dev.arch_info());
+  const int64_t tpb = midus::bwd_tc_tiles_per_block(midus::ceil_div(9000, 32), 2, dev.sm_count(), occ, true);
+  EMU_EXPECT(tpb >= 2, "tiles per block ", tpb);
+  backward_case(ctx, dev, in, {false, false, true});
+  EMU_EXPECT(dev.launches["bwd_tc_32"] == 1 && dev.launches["sum_partials"] == 1, "bwd_tc path");
+}
 EMU_CASE("hg_bwd_tc_bf16_inf_grad_out") {
   EmuDev dev(90);
   auto in = make_inputs<bf16, int64_t>(ctx, {20, 1, 4, 10, 16, 8, true});

@@ -243,6 +243,14 @@ inline int bwd_tc_tile(const HiveShapes& s, bool bank_aligned16, size_t optin, c
   return 0;
 }
 
+// Tiles per block: one unless grad_proj is accumulated; then one block per head and per slot of
+// the GPU (sm_count x occupancy), each over a run of tiles, so that few partials are summed.
+inline int64_t bwd_tc_tiles_per_block(int64_t ntiles, int64_t H, int sm_count, int occ, bool need_proj) {
+  if (!need_proj) return 1;
+  const int64_t slots = int64_t(sm_count) * std::max(occ, 1);
+  return ceil_div(ntiles, std::max<int64_t>(1, std::min<int64_t>(ntiles, slots / H)));
+}
+
 // grad_weights into gw and grad_proj into gp (each may be null: not wanted) on tensor cores.
 template <typename Dev, typename T, typename index_t, int TM>
 void launch_bwd_tc(Dev& dev, const HiveShapes& s, const T* gout, const T* w, const index_t* idx, const T* bank,
@@ -252,14 +260,9 @@ void launch_bwd_tc(Dev& dev, const HiveShapes& s, const T* gout, const T* w, con
   auto kernel = bwd_tc_kernel<T, index_t, TM>;
   allow_smem(dev, kernel, smem);
   const int64_t ntiles = ceil_div(s.N, TM);
-  int64_t S = ntiles;  // token splits: one tile per block unless grad_proj is accumulated
-  if (need_proj) {     // then one block per head and per slot of the GPU, each over a run of tiles
-    const int occ = dev.max_active_blocks(kernel, B_THREADS, smem);
-    const int64_t slots = int64_t(dev.sm_count()) * std::max(occ, 1);
-    S = std::max<int64_t>(1, std::min<int64_t>(ntiles, slots / s.H));
-  }
-  const int64_t tpb = ceil_div(ntiles, S);
-  S = ceil_div(ntiles, tpb);
+  const int occ = need_proj ? dev.max_active_blocks(kernel, B_THREADS, smem) : 1;
+  const int64_t tpb = bwd_tc_tiles_per_block(ntiles, s.H, dev.sm_count(), occ, need_proj);
+  const int64_t S = ceil_div(ntiles, tpb);  // token splits
   MIDUS_CHECK(S <= INT32_MAX && tpb <= INT32_MAX, "hive_gather_backward: too many tokens: ", s.N);
   const int64_t count = s.H * s.dz * s.dv;
   float* part = need_proj ? dev.template alloc<float>(size_t(S * count)) : nullptr;
