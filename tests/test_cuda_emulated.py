@@ -34,7 +34,8 @@ EMU = ROOT / "tests" / "cuda_emu"
 KERNELS = ROOT / "csrc" / "cuda" / "kernels"
 DRIVERS = ["drv_pk_topk", "drv_hive_fwd", "drv_hive_bwd", "drv_emu_selftest", "drv_mutants"]
 SCHEDULES = ["forward", "reverse", "random"]
-FLAGS = ["-std=c++20", "-O1", "-DMIDUS_CUDA_EMU", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function"]
+FLAGS = ["-std=c++20", "-O1", "-fno-strict-aliasing", "-DMIDUS_CUDA_EMU", "-Wall", "-Wno-unknown-pragmas",
+         "-Wno-unused-function"]
 RUN_TIMEOUT_S = 600  # a kernel spinning on memory (not modelled) would never yield
 
 

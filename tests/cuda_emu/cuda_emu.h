@@ -1,7 +1,8 @@
 // A CPU emulation of the CUDA execution model, enough to run midus_ops' kernels
 // (csrc/cuda/kernels/*.cuh) unmodified in CI without a GPU. Include it through
 // csrc/cuda/kernels/compat.cuh with MIDUS_CUDA_EMU defined; one translation unit per program
-// (the test drivers in this folder), C++20, Linux.
+// (the test drivers in this folder), C++20, Linux, -fno-strict-aliasing (the kernels view shared
+// memory through several types, as CUDA code does).
 //
 // Model:
 //  * Every CUDA thread is a fiber with its own small stack (mmap'd, guard page below). A launch
@@ -299,7 +300,7 @@ inline void guarded_free(void* p) {
 // swapcontext: a shuffle switches 32 times).
 extern "C" void midus_emu_switch(void** save_sp, void* load_sp);
 asm(R"(
-.text
+.pushsection .text
 .weak midus_emu_switch
 .type midus_emu_switch,@function
 midus_emu_switch:
@@ -325,6 +326,7 @@ midus_emu_switch:
     popq %rbp
     ret
 .size midus_emu_switch, .-midus_emu_switch
+.popsection
 )");
 struct Context {
   void* sp = nullptr;
