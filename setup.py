@@ -6,7 +6,7 @@
 With a CUDA build of torch and a CUDA toolkit this builds a CUDAExtension (C++ CPU kernels and the
 CUDA kernels in csrc/cuda); with a CPU-only torch, or no toolkit, it builds the C++ CPU extension
 alone and says so. Environment knobs: MIDUS_FORCE_CPU=1 (skip CUDA), CUDA_HOME,
-TORCH_CUDA_ARCH_LIST (default "8.0;9.0" when no GPU is visible), MAX_JOBS.
+TORCH_CUDA_ARCH_LIST (default DEFAULT_CUDA_ARCH_LIST when no GPU is visible), MAX_JOBS.
 """
 import glob
 import os
@@ -24,6 +24,12 @@ except ImportError:
         "    pip install torch ninja\n"
         "    pip install --no-build-isolation .\n"
     )
+
+
+# Without a visible GPU: SASS for sm_80 (A100; also runs on sm_86/89, the same major version) and
+# sm_90 (H100), plus compute_90 PTX, which the driver JIT-compiles for newer GPUs (sm_100, sm_120)
+# that have no SASS here (mma.sync and everything else the kernels use exist there too).
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _log(msg: str) -> None:
@@ -86,7 +92,7 @@ from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 if USE_CUDA:
     cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
     _log(f"building the CUDA extension with the toolkit in {CUDA_WHY} "
          f"(torch {torch.__version__}, CUDA {torch.version.cuda}, "
          f"arch list {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPUs')})")

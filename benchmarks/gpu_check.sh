@@ -11,7 +11,8 @@
 #              TORCH_CUDA_ARCH_LIST=9.0 unless set: this GPU only, half the nvcc time)    (180 s)
 #   link       copies the installed midus_ops/_C*.so into ./midus_ops (the tests import the
 #              checkout) and asserts that the CUDA kernels are registered                 (30 s)
-#   tests_cuda pytest tests/test_cuda_hive_gather.py tests/test_cuda_pk_topk.py           (220 s)
+#   tests_cuda pytest tests/test_cuda_hive_gather.py tests/test_cuda_pk_topk.py
+#              tests/test_cuda_review_fixes.py (TF32, deterministic GEMM, small tiles)   (220 s)
 #   tests_ops  pytest tests/test_ops.py tests/test_layers.py -k cuda                      (120 s)
 #   sanitizer  compute-sanitizer --tool memcheck on tests/cuda_sanitizer_smoke.py, with
 #              PYTORCH_NO_CUDA_MEMORY_CACHING=1 ("unavailable" where the runtime refuses it) (90 s)
@@ -99,7 +100,7 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfE)
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST+=(--timeout=120); fi
 if [[ ${STATUS_link:-} == passed ]]; then
   export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-  run_step tests_cuda 220 "${PYTEST[@]}" tests/test_cuda_hive_gather.py tests/test_cuda_pk_topk.py \
+  run_step tests_cuda 220 "${PYTEST[@]}" tests/test_cuda_hive_gather.py tests/test_cuda_pk_topk.py tests/test_cuda_review_fixes.py \
     --junitxml="$OUT_DIR/pytest_cuda_kernels.xml"
   run_step tests_ops 120 "${PYTEST[@]}" tests/test_ops.py tests/test_layers.py -k cuda --junitxml="$OUT_DIR/pytest_ops_layers_cuda.xml"
   if command -v compute-sanitizer >/dev/null; then
