@@ -41,12 +41,23 @@ from torch.utils.data import DistributedSampler
 
 __all__ = ["TrainConfig", "TrainResult", "train", "resolve_trainable", "build_param_groups", "build_optimizer",
            "build_scheduler", "init_distributed", "dist_info", "latest_checkpoint", "MEMORY_LR_SCHEDULES",
-           "RECIPE_FIELDS", "add_recipe_arguments", "recipe_from_args", "recipe_of"]
+           "RECIPE_FIELDS", "MEMORY_RECIPES", "add_recipe_arguments", "recipe_from_args", "recipe_of"]
 
 # Methods whose default is to train only the inserted blocks (spec 3.4, [project] defaults).
 _NEW_BY_DEFAULT = ("midus", "llama_pro")
 
 MEMORY_LR_SCHEDULES = ("constant", "decay", "cosine")
+
+# Named memory recipes (TrainConfig fields). "study": the default, chosen by `midus study` on dev
+# data (benchmarks/results/study_cpu_2026-12-03): the memory key/values start at 10x the peak LR
+# and decay linearly to it over the run (as lucidrains' ultra-mem schedules its values). "paper":
+# MIDUS's appendix, the peak LR, constant.
+MEMORY_RECIPES = {
+    "study": {"memory_lr": None, "memory_lr_scale": 10.0, "memory_lr_schedule": "decay", "memory_lr_decay_steps": 0,
+              "memory_max_grad_norm": 0.0},
+    "paper": {"memory_lr": None, "memory_lr_scale": 1.0, "memory_lr_schedule": "constant",
+              "memory_lr_decay_steps": 0, "memory_max_grad_norm": 0.0},
+}
 
 
 @dataclass
@@ -74,8 +85,10 @@ class TrainConfig:
     max_seconds: float = 0.0        # > 0: stop after the step that crosses this wall time
     # The memory recipe: LR, schedule and clipping of the memory key/values (spec 3.4; MEMORY_RECIPES).
     memory_lr: Optional[float] = None   # absolute start LR; None: memory_lr_scale * lr
-    memory_lr_scale: float = 1.0        # start LR as a multiple of the peak LR (when memory_lr is None)
-    memory_lr_schedule: str = "constant"  # "constant" | "decay" (linear to lr) | "cosine" (as the rest)
+    # Defaults: the recipe `midus study` chose on dev (MEMORY_RECIPES["study"]; README); the paper's
+    # is MEMORY_RECIPES["paper"].
+    memory_lr_scale: float = 10.0       # start LR as a multiple of the peak LR (when memory_lr is None)
+    memory_lr_schedule: str = "decay"   # "constant" | "decay" (linear to lr) | "cosine" (as the rest)
     memory_lr_decay_steps: int = 0      # "decay": steps to reach lr (0: max_steps)
     memory_max_grad_norm: float = 0.0   # > 0: memory key/values clipped on their own to this norm
 
@@ -544,6 +557,9 @@ def add_recipe_arguments(parser) -> None:
     d = TrainConfig()
     g = parser.add_argument_group("memory recipe (the memory keys/values: subkeys, bank, proj / values; "
                                   "defaults from midus.train.TrainConfig)")
+    g.add_argument("--memory-recipe", choices=sorted(MEMORY_RECIPES), default=None,
+                   help="a named recipe: study (10x the peak LR decaying to 1x: the default, chosen by `midus study`) "
+                        "or paper (the peak LR, constant); the flags below override its fields")
     g.add_argument("--memory-lr", type=float, default=None,
                    help="absolute start LR of the memory keys/values (default: --memory-lr-scale x the peak LR)")
     g.add_argument("--memory-lr-scale", type=float, default=None,
@@ -559,8 +575,12 @@ def add_recipe_arguments(parser) -> None:
 
 
 def recipe_from_args(args) -> Dict[str, object]:
-    """The memory-recipe fields given on the command line (those left at None are omitted)."""
-    return {f: getattr(args, f) for f in RECIPE_FIELDS if getattr(args, f, None) is not None}
+    """The memory-recipe fields given on the command line: a named ``--memory-recipe``'s, then the
+    single flags (those left at None are omitted)."""
+    named = getattr(args, "memory_recipe", None)
+    out = dict(MEMORY_RECIPES[named]) if named else {}
+    out.update({f: getattr(args, f) for f in RECIPE_FIELDS if getattr(args, f, None) is not None})
+    return out
 
 
 def recipe_of(cfg: TrainConfig) -> Dict[str, object]:

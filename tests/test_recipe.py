@@ -44,14 +44,25 @@ def test_recipe_fields_are_validated_by_name(field, value):
         TrainConfig(**{field: value})
 
 
-def test_memory_lr_scale_and_absolute_lr_are_constant_by_default(one_thread):
+def test_the_default_recipe_is_the_studys_and_paper_is_available():
+    cfg = TrainConfig()
+    assert {f: getattr(cfg, f) for f in midus.train.RECIPE_FIELDS} == midus.train.MEMORY_RECIPES["study"]
+    assert midus.train.MEMORY_RECIPES["study"]["memory_lr_scale"] == 10.0
+    p = argparse.ArgumentParser()
+    midus.train.add_recipe_arguments(p)
+    assert midus.train.recipe_from_args(p.parse_args([])) == {}
+    assert midus.train.recipe_from_args(p.parse_args(["--memory-recipe", "paper", "--memory-max-grad-norm", "2"])) \
+        == {**midus.train.MEMORY_RECIPES["paper"], "memory_max_grad_norm": 2.0}
+
+
+def test_memory_lr_scale_and_absolute_lr_constant(one_thread):
     peak = 1e-3
     r = train(tiny_midus(), sequences(), max_steps=4, micro_batch_size=2, lr=peak, warmup_steps=2,
-              memory_lr_scale=10.0, progress=False)
+              memory_lr_scale=10.0, memory_lr_schedule="constant", progress=False)
     assert [lrs["memory_kv"] for lrs in r.lrs] == pytest.approx([10 * peak] * 4)
     assert r.lrs[0]["decay"] == 0.0  # the rest still warms up
     r = train(tiny_midus(), sequences(), max_steps=3, micro_batch_size=2, lr=peak, memory_lr=2e-3,
-              memory_lr_scale=50.0, progress=False)  # an absolute LR wins over the scale
+              memory_lr_scale=50.0, memory_lr_schedule="constant", progress=False)  # absolute LR wins over the scale
     assert [lrs["memory_kv"] for lrs in r.lrs] == pytest.approx([2e-3] * 3)
 
 

@@ -51,7 +51,7 @@ def expected_cosine(step, peak, warmup, total):
 @pytest.mark.parametrize("memory", ["hml", "pkm"])
 def test_param_groups_follow_spec(memory):
     model = tiny_midus(memory=memory, pkm_heads=2, pkm_d_k=16)
-    cfg = TrainConfig(lr=2e-3, weight_decay=0.05, trainable="all")
+    cfg = TrainConfig(lr=2e-3, weight_decay=0.05, trainable="all", **midus.train.MEMORY_RECIPES["paper"])
     midus.train.resolve_trainable(model, "all")
     opt = build_optimizer(model, cfg)
     groups = {g["name"]: g for g in opt.param_groups}
@@ -76,7 +76,7 @@ def test_lr_schedule_constant_for_memory_cosine_for_the_rest():
     model = tiny_midus()
     peak, warmup, total = 1e-2, 3, 10
     result = train(model, sequences(), max_steps=total, micro_batch_size=2, lr=peak, warmup_steps=warmup,
-                   progress=False)
+                   progress=False, **midus.train.MEMORY_RECIPES["paper"])
     assert len(result.lrs) == total
     for step, lrs in enumerate(result.lrs):
         assert lrs["memory_kv"] == pytest.approx(peak)  # constant, no warm-up, no decay
@@ -85,7 +85,7 @@ def test_lr_schedule_constant_for_memory_cosine_for_the_rest():
     assert result.lrs[0]["decay"] == 0.0 and result.lrs[warmup]["decay"] == pytest.approx(peak)
     assert result.lrs[-1]["decay"] < 0.05 * peak
     # The scheduler on its own, checked against the formula at arbitrary steps.
-    opt = build_optimizer(model, TrainConfig(lr=peak))
+    opt = build_optimizer(model, TrainConfig(lr=peak, **midus.train.MEMORY_RECIPES["paper"]))
     sched = build_scheduler(opt, 5, 50)
     for step in range(50):
         lrs = {g["name"]: g["lr"] for g in opt.param_groups}
