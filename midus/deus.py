@@ -12,8 +12,11 @@ and its official scripts (github.com/voalmciaf/OpT-DeUS, ``Model/AVG-DeUS.py`` a
   otherwise makes the plain average blur unrelated units).
 
 In both, :func:`midus.upscale` then zeroes the new layer's residual writers (o_proj and
-down_proj, by role; ``identity=True``, the default) so the model is the identity at insertion,
-as the paper does for OpT-DeUS (Algorithm 1 line 11 / the script's ``nn.init.zeros_``).
+down_proj; for Gemma 3 the gain of the norms that end its branches, see
+:func:`midus.upscale.residual_writers`; ``identity=True``, the default) so the model is the
+identity at insertion, as the official OpT-DeUS script does (``nn.init.zeros_`` of o_proj and
+down_proj, citing its Algorithm 1, line 11). [project: the official Avg-DeUS script does not zero
+them; ``identity=False`` reproduces that.]
 
 What this module does, with the choices where the paper or its code is silent or where this
 project departs from it marked [project]:
@@ -66,7 +69,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
