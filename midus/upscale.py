@@ -341,6 +341,16 @@ def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = Non
         raise TypeError(f"memory options {sorted(memory_options)} apply to method='midus' only (lesa, avg_deus and "
                         f"opt_deus take their own options; {method} takes none), got method={method!r}")
     opts = _check_memory_options(memory_options) if method == "midus" else None
+    if opts is not None and opts["memory"] == "hml" and opts["out_proj"] == "none":
+        # Without an output projection the heads' read-outs are added to the residual stream as
+        # they are, which needs heads * head_dim == hidden_size (not so in e.g. Gemma 3 270M).
+        text = model.config.get_text_config()
+        heads = int(text.num_attention_heads)
+        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+        if heads * head_dim != text.hidden_size:
+            raise ValueError(f"out_proj='none' needs num_attention_heads * head_dim == hidden_size (the memory read-out "
+                             f"is added to the residual stream as it is), but this model has {heads} * {head_dim} = "
+                             f"{heads * head_dim} != {text.hidden_size}: use out_proj='copy' (or memory='pkm')")
     lesa_opts = check_lesa_options(memory_options) if method == "lesa" else None
     deus_opts = check_deus_options(method, memory_options) if method in DEUS_METHODS else None
     L = model.config.num_hidden_layers

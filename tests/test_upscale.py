@@ -229,6 +229,15 @@ def test_bad_input_messages_name_the_problem():
     assert all(m in str(e.value) for m in midus.METHODS)
 
 
+def test_hml_without_out_proj_needs_heads_times_head_dim_equal_to_hidden_size():
+    wide = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=32))  # 4 x 32 = 128 != 64 (as Gemma 3 270M, Qwen3-0.6B)
+    with pytest.raises(ValueError, match="out_proj='copy'"):
+        upscale(wide, "midus", 2, **SMALL_MEM)
+    new = upscale(wide.eval(), "midus", 2, out_proj="copy", **SMALL_MEM).eval()
+    with torch.no_grad():
+        assert torch.equal(new(token_ids()).logits, wide(token_ids()).logits)
+
+
 def test_unsupported_family_lists_the_supported_ones():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32))
     with pytest.raises(ValueError) as e:
