@@ -152,6 +152,7 @@ setup(
         "tqdm",
         "mwparserfromhell",
         "datasets",
+        "pot",              # optimal transport of method='opt_deus' (midus.deus)
         "lm-eval>=0.4.5",   # zero-shot tasks (`midus eval --tasks`, `midus compare`)
         "matplotlib",       # figures of `midus analyze`, `midus compare` and benchmarks/plot.py
     ],

@@ -12,8 +12,8 @@ data, training and CLI modules are imported when used (``midus.train``, ``midus.
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .modeling_midus import MEMORY_DEFAULTS, SUPPORTED_FAMILIES, MidusConfig, MidusForCausalLM, MidusMemoryBlock
-from .upscale import (KEY_VALUE_PARAMETER_NAMES, METHODS, PLACEMENTS, memory_parameter_names, new_parameter_names,
-                      placement_indices, solar_layer_order, upscale)
+from .upscale import (DEFAULT_PLACEMENT, KEY_VALUE_PARAMETER_NAMES, METHODS, PLACEMENTS, memory_parameter_names,
+                      new_parameter_names, placement_indices, solar_layer_order, upscale)
 
 AutoConfig.register(MidusConfig.model_type, MidusConfig, exist_ok=True)
 AutoModelForCausalLM.register(MidusConfig, MidusForCausalLM, exist_ok=True)
@@ -21,5 +21,6 @@ AutoModelForCausalLM.register(MidusConfig, MidusForCausalLM, exist_ok=True)
 __version__ = "0.1.0"
 
 __all__ = ["upscale", "placement_indices", "solar_layer_order", "new_parameter_names", "memory_parameter_names",
-           "MidusConfig", "MidusForCausalLM", "MidusMemoryBlock", "METHODS", "PLACEMENTS", "SUPPORTED_FAMILIES",
+           "MidusConfig", "MidusForCausalLM", "MidusMemoryBlock", "METHODS", "PLACEMENTS", "DEFAULT_PLACEMENT",
+           "SUPPORTED_FAMILIES",
            "MEMORY_DEFAULTS", "KEY_VALUE_PARAMETER_NAMES", "__version__"]

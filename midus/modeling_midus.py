@@ -1,4 +1,4 @@
-"""The MIDUS model: memory blocks inside a Llama/Mistral/Qwen2/Qwen3 decoder stack.
+"""The MIDUS model: memory blocks inside a Llama/Mistral/Qwen2/Qwen3/Gemma 3/Phi-3 decoder stack.
 
 MIDUS: Memory-Infused Depth Up-Scaling (arXiv 2512.13751) sec. 3; spec/HML.md 3.1.
 
@@ -12,7 +12,9 @@ Layout of :class:`MidusForCausalLM` (parameter names)::
     model.embed_tokens / model.norm / lm_head          the base family's, unchanged
     model.layers.{i}.*                                 base decoder layers (family classes)
     model.layers.{p}.input_layernorm.weight            memory block p (cloned from its source layer)
-    model.layers.{p}.self_attn.{q,k,v}_proj.*          (+ q_norm/k_norm for Qwen3; no o_proj for HML)
+    model.layers.{p}.self_attn.{q,k,v}_proj.*          (+ q_norm/k_norm for Qwen3 and Gemma 3; Phi-3: the fused
+                                                       qkv_proj; no o_proj for HML)
+    model.layers.{p}.post_attention_layernorm.weight   PKM blocks of Gemma 3 only (its attention branch norm)
     model.layers.{p}.out_proj.*                        HML with out_proj="copy" only
     model.layers.{p}.memory.{subkeys,bank,proj}        HeadwiseMemoryLayer (key/value parameters)
     model.layers.{p}.memory.{query.weight,subkeys,values}  ProductKeyMemory (memory="pkm")
@@ -54,8 +56,17 @@ __all__ = ["MidusConfig", "MidusForCausalLM", "MidusPreTrainedModel", "MidusMemo
 
 _TF_MAJOR = int(transformers.__version__.split(".")[0])
 
-# model_type -> class-name prefix in transformers.models.<model_type>.modeling_<model_type>
-SUPPORTED_FAMILIES: Dict[str, str] = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# model_type -> class-name prefix in transformers.models.<module>.modeling_<module> (module: the
+# model_type unless _FAMILY_MODULES says otherwise).
+SUPPORTED_FAMILIES: Dict[str, str] = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+                                      "gemma3_text": "Gemma3", "phi3": "Phi3"}
+# Gemma 3's text-only model (model_type "gemma3_text") lives in the gemma3 module, whose
+# Gemma3Model is the multimodal one: its decoder stack is Gemma3TextModel.
+_FAMILY_MODULES: Dict[str, str] = {"gemma3_text": "gemma3"}
+_FAMILY_CLASS_NAMES: Dict[str, Dict[str, str]] = {"gemma3_text": {"Model": "Gemma3TextModel"}}
+# Families whose decoder layer normalises the attention branch before adding it to the residual
+# stream (Gemma 3's post_attention_layernorm; Llama's layer of that name is the pre-FFN norm).
+_POST_ATTENTION_NORM_FAMILIES = ("gemma3_text",)
 
 # Memory options of a MIDUS block and their defaults (spec 2.1 [project] defaults, 3.1).
 MEMORY_DEFAULTS: Dict[str, Any] = {
@@ -81,8 +92,10 @@ def family_classes(model_type: str) -> SimpleNamespace:
     if prefix is None:
         raise ValueError(f"unsupported model family model_type={model_type!r}; supported families: "
                          f"{', '.join(sorted(SUPPORTED_FAMILIES))}")
-    mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    return SimpleNamespace(**{name: getattr(mod, prefix + name)
+    module = _FAMILY_MODULES.get(model_type, model_type)
+    mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    names = _FAMILY_CLASS_NAMES.get(model_type, {})
+    return SimpleNamespace(**{name: getattr(mod, names.get(name, prefix + name))
                               for name in ("Model", "ForCausalLM", "DecoderLayer", "Attention", "RMSNorm")})
 
 
@@ -231,7 +244,7 @@ class MidusMemoryBlock(GradientCheckpointingLayer):
 
     memory="pkm"::
 
-        a = x + Attn(RMSNorm(x))   (the attention with its o_proj)
+        a = x + Attn(RMSNorm(x))   (the attention with its o_proj; Gemma 3: its post-attention norm too)
         M(x) = x + PKM(a)
 
     The attention is the family's own class (RoPE, GQA, q/k norms, sdpa/eager/flash, sliding
@@ -265,6 +278,9 @@ class MidusMemoryBlock(GradientCheckpointingLayer):
                                               d_z=opts["d_z"], tau=opts["tau"], query_norm=opts["query_norm"],
                                               learn_tau=opts["learn_tau"])
         else:
+            if config.model_type in _POST_ATTENTION_NORM_FAMILIES:
+                # a = x + post_norm(Attn(norm(x))), as the source layer computes it (cloned with it)
+                self.post_attention_layernorm = fam.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.memory = ProductKeyMemory(config.hidden_size, num_heads=opts["pkm_heads"], n=opts["n"],
                                            k=opts["k"], d_k=opts["pkm_d_k"], tau=opts["tau"], value_init="zeros",
                                            learn_tau=opts["learn_tau"])
@@ -283,6 +299,9 @@ class MidusMemoryBlock(GradientCheckpointingLayer):
         # patch) may take the input alone
         mask = {} if token_mask is None else {"token_mask": token_mask}
         if self.memory_kind == "pkm":
+            post_norm = getattr(self, "post_attention_layernorm", None)
+            if post_norm is not None:
+                attn_out = post_norm(attn_out)
             return hidden_states + self.memory(hidden_states + attn_out, **mask)
         o = attn_out.view(*attn_out.shape[:-1], self.num_heads, self.head_dim)
         r = self.memory(o, **mask).flatten(-2)
@@ -417,6 +436,9 @@ class MidusForCausalLM(MidusPreTrainedModel, GenerationMixin):
         hidden = outputs[0]
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
+        cap = getattr(self.config.text_config, "final_logit_softcapping", None)
+        if cap is not None:  # Gemma-style soft cap, as the family's ForCausalLM applies it
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,

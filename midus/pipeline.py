@@ -40,7 +40,9 @@ class Experiment:
     val_fraction: float = 0.1
     method: Optional[str] = "midus"
     num_blocks: int = 8
-    placement: Union[str, List[int]] = "distributed"
+    placement: Union[str, List[int], None] = "distributed"  # None: the method's default (midus.upscale)
+    calibration_tokens: int = 2048   # placement="importance": first tokens of the train split it measures on
+    importance: str = "layer"        # placement="importance": "layer" or "heads" (midus.placement)
     upscale_options: Dict[str, Any] = field(default_factory=dict)
     train: Optional[Dict[str, Any]] = None
     seq_len: int = 128
@@ -122,7 +124,10 @@ def run_experiment(exp: Experiment, log: Callable[[str], None] = _log, keep_mode
         row["ppl_base"] = {exp.eval_splits[0]: r.ppl}
         log(f"base perplexity ({exp.eval_splits[0]}) {r.ppl:.3f}")
     if exp.method is not None:
-        model = midus.upscale(base, exp.method, num_blocks=exp.num_blocks, placement=exp.placement,
+        extra = {}
+        if exp.placement == "importance":  # measured on the training text, never on dev/test
+            extra = {"calibration": ids_of("train", exp.calibration_tokens), "importance": exp.importance}
+        model = midus.upscale(base, exp.method, num_blocks=exp.num_blocks, placement=exp.placement, **extra,
                               **exp.upscale_options).to(device)
         del base
     else:
@@ -130,6 +135,8 @@ def run_experiment(exp: Experiment, log: Callable[[str], None] = _log, keep_mode
     row.update(params=count_parameters(model), params_base=n_base, params_added=count_parameters(model) - n_base,
                layers=int(model.config.get_text_config().num_hidden_layers), setup_s=time.time() - t0)
     record = getattr(model.config, "midus_upscale", None) or {}
+    if record:
+        row["base_layers"] = record["base_layers"]
     if record.get("memory_options"):
         row["memory_options"] = record["memory_options"]
     last_eval_s = 0.0

@@ -26,12 +26,13 @@ __all__ = ["resolve_model_path", "load_model", "pick_device", "count_parameters"
 
 def resolve_model_path(model: str) -> str:
     """A local model folder for ``model``: "default" (SmolLM2-135M-Instruct, fetched and converted
-    on first use, :func:`midus.defaults.default_model_path`) or a folder with a config.json.
+    on first use, :func:`midus.defaults.default_model_path`), another name of
+    :data:`midus.defaults.NAMED_MODELS` ("gemma3-270m") or a folder with a config.json.
     Raises FileNotFoundError / ValueError naming ``--model``."""
-    if model == "default":
-        from .defaults import default_model_path
+    from . import defaults
 
-        return default_model_path()
+    if model in defaults.NAMED_MODELS:
+        return getattr(defaults, defaults.NAMED_MODELS[model])()
     path = Path(model).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"--model: model path not found: {model} (give a local Hugging Face model folder "

@@ -9,7 +9,9 @@
   and biases: the same schedule, weight decay 0.
 - ``trainable``: "new" (only the inserted blocks, :func:`midus.new_parameter_names`) or "all";
   "auto" picks the method's default from ``model.config.midus_upscale["method"]``: "new" for
-  midus and llama_pro, "all" for dus, solar and lesa (and for models not produced by ``upscale``).
+  midus, llama_pro, avg_deus and opt_deus (OpT-DeUS trains its new layers only: its shorter
+  back-propagation with top placement depends on it), "all" for dus, solar and lesa (and for
+  models not produced by ``upscale``).
 - Gradient accumulation, gradient clipping, bf16 autocast on GPU, a tqdm bar with loss and
   tokens/s, a JSONL log (one record per optimizer step).
 - Checkpoints (``checkpoint-<step>/``: model.safetensors, optimizer.pt, scheduler.pt, RNG states
@@ -44,7 +46,7 @@ __all__ = ["TrainConfig", "TrainResult", "train", "resolve_trainable", "build_pa
            "RECIPE_FIELDS", "MEMORY_RECIPES", "add_recipe_arguments", "recipe_from_args", "recipe_of"]
 
 # Methods whose default is to train only the inserted blocks (spec 3.4, [project] defaults).
-_NEW_BY_DEFAULT = ("midus", "llama_pro")
+_NEW_BY_DEFAULT = ("midus", "llama_pro", "avg_deus", "opt_deus")
 
 MEMORY_LR_SCHEDULES = ("constant", "decay", "cosine")
 
@@ -169,7 +171,7 @@ def _barrier():
 def resolve_trainable(model, trainable: str = "auto") -> Set[str]:
     """Set ``requires_grad`` by ``trainable`` and return the names of the trainable parameters.
 
-    "auto": "new" for models up-scaled with midus or llama_pro, "all" otherwise. "new": the
+    "auto": "new" for models up-scaled with midus, llama_pro, avg_deus or opt_deus, "all" otherwise. "new": the
     parameters of the inserted blocks (:func:`midus.new_parameter_names`; ValueError if the
     model was not produced by ``midus.upscale``). The model is changed in place.
     """

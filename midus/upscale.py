@@ -1,4 +1,5 @@
-"""Depth up-scaling of a Hugging Face causal LM: MIDUS, DUS, LLaMA Pro, SOLAR, LESA (spec/HML.md 3.2, 3.3).
+"""Depth up-scaling of a Hugging Face causal LM: MIDUS, DUS, LLaMA Pro, SOLAR, LESA, Avg-DeUS, OpT-DeUS
+(spec/HML.md 3.2, 3.3; :mod:`midus.deus`), with fixed or importance-guided placement (:mod:`midus.placement`).
 
 ``upscale`` never modifies its input: it builds a new model from an updated config (every layer
 with its own ``layer_idx``, hence its own KV-cache slot) and copies the base weights into it, so
@@ -15,18 +16,31 @@ from transformers import PreTrainedModel
 
 from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory
 
+from .deus import DEUS_METHODS, check_deus_options
 from .lesa import check_lesa_options, predict_layers
 from .modeling_midus import MidusConfig, MidusForCausalLM, _check_memory_options, family_classes
 
 __all__ = ["upscale", "placement_indices", "solar_layer_order", "new_parameter_names", "memory_parameter_names",
-           "METHODS", "PLACEMENTS", "KEY_VALUE_PARAMETER_NAMES"]
+           "residual_writers", "METHODS", "PLACEMENTS", "DEFAULT_PLACEMENT", "KEY_VALUE_PARAMETER_NAMES"]
 
-METHODS = ("midus", "dus", "llama_pro", "solar", "lesa")
-PLACEMENTS = ("distributed", "top-heavy", "bottom-heavy")
+METHODS = ("midus", "dus", "llama_pro", "solar", "lesa", "avg_deus", "opt_deus")
+PLACEMENTS = ("distributed", "top-heavy", "bottom-heavy", "top-gaps", "importance")
+# A method's placement when none is given: OpT-DeUS's paper puts its new layers in the top gaps.
+DEFAULT_PLACEMENT = {"opt_deus": "top-gaps"}
 # Leaf names of the key/value parameters of the memory layers (spec 3.4: constant LR, no decay).
 KEY_VALUE_PARAMETER_NAMES = {"hml": ("subkeys", "bank", "proj", "log_tau"), "pkm": ("subkeys", "values", "log_tau")}
-# LLaMA Pro zero-initialises the modules that write into the residual stream, found by role.
+# LLaMA Pro (and Avg-/OpT-DeUS) zero-initialise the modules that write into the residual stream,
+# found by role: the output projections, whose weight (and bias) are set to 0 ...
 _RESIDUAL_WRITERS = {"attention output": "self_attn.o_proj", "mlp output": "mlp.down_proj"}
+# ... except where a norm sits between them and the residual stream. Gemma 3 normalises each
+# branch (post_attention_layernorm, post_feedforward_layernorm): RMSNorm(0) = 0 keeps the layer
+# the identity, but its gradient at 0 is 1/sqrt(eps), and the first AdamW step then adds a
+# full-size branch (Gemma 3 270M, LLaMA Pro K=4, one step at LR 1e-5: KL to the base 12 nats).
+# There the norms' gain is zeroed instead (Gemma's norm multiplies by 1 + weight: weight = -1),
+# which keeps the identity and grows smoothly (same step at LR 1e-4: KL 1.3e-7). Value: the
+# weight that gives gain 0.
+_NORM_WRITERS = {"gemma3_text": ({"attention output": "post_attention_layernorm",
+                                  "mlp output": "post_feedforward_layernorm"}, -1.0)}
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 Placement = Union[str, Sequence[int]]
@@ -43,7 +57,11 @@ def placement_indices(num_layers: int, num_blocks: Optional[int], placement: Pla
 
     - "distributed" (default): i_j = floor((j+1) * L / K) - 1   (L=16, K=8: 1, 3, ..., 15)
     - "top-heavy": i_j = L - K + j;  "bottom-heavy": i_j = j
+    - "top-gaps": i_j = L - 1 - K + j, the K gaps between consecutive layers nearest the top
+      (never after the last layer; K <= L - 1; OpT-DeUS's default, arXiv 2508.08011)
     - a list of layer indices (any order; returned sorted); ``num_blocks`` may then be None.
+    - "importance" is measured on calibration text by :func:`upscale` (:mod:`midus.placement`),
+      not computable here.
 
     Args: num_layers L >= 1, num_blocks K with 1 <= K <= L.
     Raises ValueError naming the argument: K out of range, unknown placement, explicit indices out of
@@ -64,6 +82,14 @@ def placement_indices(num_layers: int, num_blocks: Optional[int], placement: Pla
             return [L - K + j for j in range(K)]
         if placement == "bottom-heavy":
             return list(range(K))
+        if placement == "top-gaps":
+            if K > L - 1:
+                raise ValueError(f"num_blocks must satisfy 1 <= num_blocks <= num_layers - 1 = {L - 1} with "
+                                 f"placement='top-gaps' (one new layer per gap between consecutive layers), got {K}")
+            return [L - 1 - K + j for j in range(K)]
+        if placement == "importance":
+            raise ValueError("placement='importance' is measured on calibration text: call "
+                             "midus.upscale(model, method, K, placement='importance', calibration=token_ids)")
         raise ValueError(f"unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)} "
                          f"or a list of layer indices")
     if not isinstance(placement, (list, tuple)):
@@ -203,6 +229,31 @@ def _zero_(module) -> None:
         module.bias.zero_()
 
 
+def residual_writers(model_type: str):
+    """({role: module path inside a decoder layer}, zero): what LLaMA Pro / Avg-DeUS / OpT-DeUS
+    zero so a new layer is the identity. ``zero`` None: the modules' weight and bias are set to 0;
+    a number: the module is a norm on the branch and its weight is set to that value (gain 0)."""
+    if model_type in _NORM_WRITERS:
+        return _NORM_WRITERS[model_type]
+    return _RESIDUAL_WRITERS, None
+
+
+@torch.no_grad()
+def _zero_writers(new, model_type: str, positions: List[int], method: str) -> None:
+    writers, zero = residual_writers(model_type)
+    for p in positions:
+        layer = new.model.layers[p]
+        for role, path in writers.items():
+            try:
+                module = layer.get_submodule(path)
+            except AttributeError as err:
+                raise ValueError(f"{method}: cannot find the {role} ({path}) in {type(layer).__name__}") from err
+            if zero is None:
+                _zero_(module)
+            else:
+                module.weight.fill_(zero)
+
+
 def _layer_plan(method: str, L: int, num_blocks: Optional[int], placement: Placement):
     """(sources, inserted, base_layers): the base layer of each new position, the positions of the
     new blocks in the new stack, and the base layers they follow (solar: that appear twice)."""
@@ -225,66 +276,123 @@ def _layer_plan(method: str, L: int, num_blocks: Optional[int], placement: Place
     return sources, inserted, base_layers
 
 
-def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = None, placement: Placement = "distributed",
-            **memory_options: Any) -> PreTrainedModel:
+def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = None,
+            placement: Optional[Placement] = None, *, calibration: Optional[torch.Tensor] = None,
+            importance: str = "layer", **memory_options: Any) -> PreTrainedModel:
     """Depth up-scale ``model`` by K new blocks; returns a NEW model, ``model`` is left untouched.
 
     MIDUS (arXiv 2512.13751) sec. 3; spec/HML.md 3.1-3.3.
 
     Args:
-        model: a ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
-            ``Qwen3ForCausalLM`` with L layers (any dtype / device; the result has the same).
+        model: a causal LM of a supported family (``SUPPORTED_FAMILIES``: Llama, Mistral, Qwen2,
+            Qwen3, Gemma 3 text (``Gemma3ForCausalLM``), Phi-3) with L layers (any dtype /
+            device; the result has the same).
         method: "midus" (memory blocks, spec 3.1), "dus" (a full clone of layer i_j after it),
-            "llama_pro" (like dus with the clone's o_proj and down_proj zeroed: identity at insertion),
+            "llama_pro" (like dus with the clone's residual writers zeroed: identity at insertion),
             "solar" (two copies of the stack, the last m layers of the first and the first m of the
             second dropped, m = (L - K) / 2), "lesa" (a layer predicted from layers i_j and i_j + 1
             by LESA's SVD + MLP, arXiv 2502.13794, inserted between them; after the last layer see
-            the ``last`` option; :mod:`midus.lesa`).
+            the ``last`` option; :mod:`midus.lesa`), "avg_deus" (the mean of layers i_j and
+            i_j + 1) and "opt_deus" (layer i_j + 1's heads and neurons aligned to layer i_j's by
+            optimal transport, then the mean; arXiv 2508.08011), both with their residual writers
+            zeroed (:mod:`midus.deus`).
         num_blocks: K, 1 <= K <= L (may be omitted when ``placement`` is a list).
-        placement: "distributed" (default), "top-heavy", "bottom-heavy" or a list of base-layer
-            indices (spec 3.2). Not used by solar (only the default is accepted).
+        placement: "distributed", "top-heavy", "bottom-heavy", "top-gaps" (the K gaps nearest the
+            top), "importance" (after the K base layers whose removal raises the loss most on
+            ``calibration``; :mod:`midus.placement`) or a list of base-layer indices (spec 3.2).
+            None (default): the method's own, ``DEFAULT_PLACEMENT`` ("top-gaps" for opt_deus),
+            else "distributed". Solar accepts only the default.
+        calibration: int64 token ids (a 1-D stream or [B, T] windows) for placement="importance".
+        importance: what placement="importance" measures: "layer" (skip the layer, default) or
+            "heads" (remove each attention head on its own; the layer's score is the sum).
         **memory_options: method="midus": memory ("hml" | "pkm"), out_proj ("none" | "copy"),
             n, k, d_z, tau, query_norm, learn_tau, pkm_heads, pkm_d_k (defaults in ``MEMORY_DEFAULTS``).
             method="lesa": rank, hidden, epochs, batch_size, lr, norm_weight, seed, last
             (defaults in ``midus.lesa.LESA_DEFAULTS``; recorded as ``midus_upscale["lesa_options"]``).
+            method="avg_deus" / "opt_deus": identity (default True: zero the residual writers), and
+            for opt_deus reg, max_iter (``midus.deus.OPT_DEUS_DEFAULTS``; recorded as
+            ``midus_upscale["deus_options"]``).
 
     Returns:
-        midus: a :class:`MidusForCausalLM` (``model_type="midus"``); dus/llama_pro/solar/lesa: a model of
+        midus: a :class:`MidusForCausalLM` (``model_type="midus"``); the other methods: a model of
         the base class. In both, ``config.midus_upscale`` records method, num_blocks, placement,
         base_layers (i_j), inserted_positions (indices of the new blocks in the new stack),
-        layer_order (base layer of each new position) and base_num_layers; it is saved with the model.
+        layer_order (base layer of each new position) and base_num_layers (with placement
+        "importance" also ``importance``: the measure, scores and chosen layers; with avg_deus /
+        opt_deus ``deus_layers``: how each new layer was made); it is saved with the model.
         The result is in the same train/eval mode as ``model``. With a zero bank (midus) or zeroed
-        residual writers (llama_pro) its logits equal the base model's; with out_proj="copy" the
-        copied o_proj's bias (if any) is zeroed for the same reason.
+        residual writers (llama_pro, avg_deus, opt_deus with identity=True) its logits equal the
+        base model's; with out_proj="copy" the copied o_proj's bias (if any) is zeroed for the same
+        reason. The residual writers are o_proj and down_proj (weights and biases set to 0), or for
+        Gemma 3, whose branches end in a norm, that norm's gain (see ``residual_writers``).
 
     Raises:
-        ValueError: unknown ``method`` or ``placement``; ``num_blocks`` outside [1, L]; solar with
-            L - K odd; explicit indices out of range or repeated; unsupported model family (the
-            message lists the supported ones); bad memory / lesa option values; lesa with L < 3.
-        TypeError: options given for a method other than midus / lesa, or unknown option names.
+        ValueError: unknown ``method``, ``placement`` or ``importance``; ``num_blocks`` outside
+            [1, L] (top-gaps: [1, L - 1]); solar with L - K odd or a placement; explicit indices out
+            of range or repeated; placement="importance" without ``calibration`` (or ``calibration``
+            without it); unsupported model family (the message lists the supported ones); bad
+            memory / lesa / deus option values; lesa with L < 3.
+        TypeError: options given for a method that takes none, or unknown option names.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     model_type = _family_of(model)
-    if method not in ("midus", "lesa") and memory_options:
-        raise TypeError(f"memory options {sorted(memory_options)} apply to method='midus' only, got method={method!r}")
+    if method not in ("midus", "lesa") + DEUS_METHODS and memory_options:
+        raise TypeError(f"memory options {sorted(memory_options)} apply to method='midus' only (lesa, avg_deus and "
+                        f"opt_deus take their own options; {method} takes none), got method={method!r}")
     opts = _check_memory_options(memory_options) if method == "midus" else None
+    if opts is not None and opts["memory"] == "hml" and opts["out_proj"] == "none":
+        # Without an output projection the heads' read-outs are added to the residual stream as
+        # they are, which needs heads * head_dim == hidden_size (not so in e.g. Gemma 3 270M).
+        text = model.config.get_text_config()
+        heads = int(text.num_attention_heads)
+        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+        if heads * head_dim != text.hidden_size:
+            raise ValueError(f"out_proj='none' needs num_attention_heads * head_dim == hidden_size (the memory read-out "
+                             f"is added to the residual stream as it is), but this model has {heads} * {head_dim} = "
+                             f"{heads * head_dim} != {text.hidden_size}: use out_proj='copy' (or memory='pkm')")
     lesa_opts = check_lesa_options(memory_options) if method == "lesa" else None
+    deus_opts = check_deus_options(method, memory_options) if method in DEUS_METHODS else None
     L = model.config.num_hidden_layers
     if len(model.model.layers) != L:
         raise ValueError(f"model.config.num_hidden_layers={L} but the model has {len(model.model.layers)} layers")
     if method == "lesa" and L < 3:
         raise ValueError(f"method='lesa' needs a base model with at least 3 layers (it trains on consecutive "
                          f"triples), got num_hidden_layers={L}")
+    if placement is None:
+        placement = DEFAULT_PLACEMENT.get(method, "distributed")
+    measured = None
+    if isinstance(placement, str) and placement == "importance":
+        if method == "solar":
+            raise ValueError("placement does not apply to method='solar' (its layer order is fixed), got 'importance'")
+        if calibration is None:
+            raise ValueError("placement='importance' needs calibration text: pass calibration=token_ids (int64, "
+                             "e.g. midus.data.load_corpus('wiki', tokenizer, split='train', max_tokens=2048))")
+        from .placement import importance_placement
 
-    sources, inserted, base_layers = _layer_plan(method, L, num_blocks, placement)
+        chosen, measured = importance_placement(model, num_blocks, calibration, measure=importance)
+        plan_placement: Placement = chosen
+    else:
+        if calibration is not None:
+            raise ValueError(f"calibration applies to placement='importance' only, got placement={placement!r}")
+        from .placement import IMPORTANCE_MEASURES
+
+        if importance not in IMPORTANCE_MEASURES:
+            raise ValueError(f"importance must be one of {', '.join(IMPORTANCE_MEASURES)}, got {importance!r}")
+        plan_placement = placement
+
+    sources, inserted, base_layers = _layer_plan(method, L, num_blocks, plan_placement)
     record = {"method": method, "num_blocks": len(inserted),
               "placement": placement if isinstance(placement, str) else list(base_layers),
               "base_layers": base_layers, "inserted_positions": inserted, "layer_order": sources,
               "base_num_layers": L, "base_model_type": model_type}
+    if measured is not None:
+        record["importance"] = measured
 
     if method == "lesa":
         record["lesa_options"] = dict(lesa_opts)
+    if deus_opts is not None:
+        record["deus_options"] = dict(deus_opts)
     reference = next(model.parameters())
     new_config = copy.deepcopy(model.config)
     _remap_layer_fields(new_config, sources)
@@ -304,18 +412,29 @@ def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = Non
         _copy_weights(new, model, sources, set(), {})
         if method == "lesa":  # the clones of layer i_j are overwritten with the predicted layers
             _insert_lesa_layers(new, model, inserted, base_layers, lesa_opts)
-        if method == "llama_pro":
-            for p in inserted:
-                layer = new.model.layers[p]
-                for role, path in _RESIDUAL_WRITERS.items():
-                    try:
-                        module = layer.get_submodule(path)
-                    except AttributeError as err:
-                        raise ValueError(f"llama_pro: cannot find the {role} ({path}) in {type(layer).__name__}") from err
-                    _zero_(module)
+        if method in DEUS_METHODS:  # likewise with the fused layers
+            record["deus_layers"] = _insert_deus_layers(new, model, method, inserted, base_layers, deus_opts)
+        if method == "llama_pro" or (method in DEUS_METHODS and deus_opts["identity"]):
+            _zero_writers(new, model_type, inserted, method)
     new.generation_config = copy.deepcopy(model.generation_config)
     new.train(model.training)
     return new
+
+
+@torch.no_grad()
+def _insert_deus_layers(new, base, method: str, inserted: List[int], base_layers: List[int],
+                        opts: Dict[str, Any]) -> List[dict]:
+    """Overwrite the clones at ``inserted`` with the Avg-/OpT-DeUS layers; returns their records."""
+    from .deus import predict_layers as deus_layers
+
+    layers = [dict(layer.named_parameters()) for layer in base.model.layers]
+    kw = {} if method == "avg_deus" else {"reg": float(opts["reg"]), "max_iter": int(opts["max_iter"])}
+    params, records = deus_layers(layers, base_layers, base.config, method, **kw)
+    for pos, values in zip(inserted, params):
+        target = dict(new.model.layers[pos].named_parameters())
+        for name, value in values.items():
+            target[name].copy_(value)
+    return records
 
 
 @torch.no_grad()

@@ -200,3 +200,21 @@ def test_lesa_flags_reach_upscale_and_are_recorded(tiny_model_dir, tmp_path, cap
     assert main(["upscale", "--model", tiny_model_dir, "--output", str(tmp_path / "x"), "--method", "dus",
                  "--num-blocks", "1", "--lesa-rank", "4"]) == 1
     assert "--lesa-rank" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_deus_flags_reach_upscale_and_are_recorded(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "opt"
+    assert main(["upscale", "--model", tiny_model_dir, "--output", str(out), "--method", "opt_deus", "--num-blocks",
+                 "2", "--ot-reg", "0.05", "--ot-max-iter", "200"]) == 0
+    record = json.loads((out / "config.json").read_text())["midus_upscale"]
+    assert record["placement"] == "top-gaps" and record["base_layers"] == [1, 2]  # the method's default
+    assert record["deus_options"] == {"reg": 0.05, "max_iter": 200, "identity": True}
+    assert "after base layers [1, 2]" in capsys.readouterr().out
+    out = tmp_path / "avg"
+    assert main(["upscale", "--model", tiny_model_dir, "--output", str(out), "--method", "avg_deus", "--num-blocks",
+                 "1", "--keep-writers"]) == 0
+    record = json.loads((out / "config.json").read_text())["midus_upscale"]
+    assert record["placement"] == "distributed" and record["deus_options"] == {"identity": False}
+    assert main(["upscale", "--model", tiny_model_dir, "--output", str(tmp_path / "x"), "--method", "avg_deus",
+                 "--num-blocks", "1", "--ot-reg", "0.1"]) == 1
+    assert "--ot-reg" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -122,3 +122,25 @@ def test_bad_settings_are_refused_before_any_worker_runs(extra, match, tmp_path,
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err and "compare 1/" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_deus_rows_and_importance_placement_in_process(tmp_path, tiny_model_dir, tiny_text_file, one_thread):
+    """The Avg-/OpT-DeUS rows at tiny size: the same budget, their new layers trained (as the paper),
+    labels in the report; --placement importance is measured per run on the training text."""
+    cfg = cmp.config_from_args(_args(tiny_model_dir, tiny_text_file, tmp_path, "--methods", "avg_deus,opt_deus",
+                                     "--placement", "importance", "--importance", "layer"))
+    assert cfg.placement == "importance" and cfg.importance == "layer"
+    report = cmp.compare(cfg, output_dir=str(tmp_path / "out"), in_process=True)
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == ["avg_deus", "opt_deus"] and all("error" not in r for r in rows.values())
+    for r in rows.values():
+        assert r["layers"] == 6 and r["params_added"] > 0 and r["trainable"] == "new" and r["ppl"] > 1.0
+        assert len(r["base_layers"]) == 2 and r["train_tokens"] == 2 * 2 * 32
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "Avg-DeUS" in md and "OpT-DeUS" in md and "importance" in md
+
+
+def test_deus_methods_are_listed_and_importance_is_checked():
+    assert {"avg_deus", "opt_deus"} <= set(cmp.METHODS)
+    with pytest.raises(ValueError, match="importance"):
+        cmp.CompareConfig(importance="neurons")

@@ -16,9 +16,10 @@ warnings.filterwarnings("ignore", message=".*midus_ops.*")
 import midus  # noqa: E402
 from midus import upscale  # noqa: E402
 from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory  # noqa: E402
-from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,  # noqa: E402
-                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from midus.upscale import residual_writers  # noqa: E402
+from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config,  # noqa: E402
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 # Where the imported midus lives (site-packages under CI, the checkout in development): child
 # processes must import the same build, not the source folder, which has no compiled extension.
@@ -28,13 +29,20 @@ COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_at
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
 # Each family exercises something: Llama biases (zeroing by role must cover them), Mistral and
 # Qwen2 a sliding window shorter than the generated text (masks and cache per layer type), Qwen3
-# q/k norms and tied embeddings.
+# q/k norms and tied embeddings, Gemma 3 all of these plus (1 + w) norms around each branch, scaled
+# embeddings, sliding/full layer types and a final logit soft cap, Phi-3 the fused qkv_proj and
+# gate_up_proj and partial RoPE.
 FAMILIES = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=6)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=6,
                                                   max_window_layers=2)),
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=True)),
+    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
+        **COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=6, final_logit_softcapping=30.0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"], pad_token_id=0)),
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                               partial_rotary_factor=0.5)),
 }
 SMALL_MEM = dict(n=8, k=4, d_z=16, pkm_heads=2, pkm_d_k=16)  # memory sizes for tiny models
 VARIANTS = {  # name -> (method, options)
@@ -44,8 +52,11 @@ VARIANTS = {  # name -> (method, options)
     "dus": ("dus", {}),
     "llama_pro": ("llama_pro", {}),
     "solar": ("solar", {}),
+    "avg_deus": ("avg_deus", {}),
+    # distributed like the others here (its own default, top-gaps, is tested in test_deus.py)
+    "opt_deus": ("opt_deus", {"placement": "distributed"}),
 }
-IDENTITY_VARIANTS = ["midus-hml", "midus-hml-copy", "midus-pkm", "llama_pro"]
+IDENTITY_VARIANTS = ["midus-hml", "midus-hml-copy", "midus-pkm", "llama_pro", "avg_deus", "opt_deus"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -67,7 +78,8 @@ def up(base, variant, num_blocks=2, **kw):
 
 
 def zero_init_params(model):
-    """The parameters that start at zero: memory banks/values, llama_pro's residual writers."""
+    """The parameters that start at zero: memory banks/values, the residual writers of llama_pro and
+    avg/opt_deus (for Gemma 3 its branch norms' weights, which start at -1: gain 0)."""
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, HeadwiseMemoryLayer):
@@ -75,9 +87,10 @@ def zero_init_params(model):
         elif isinstance(module, ProductKeyMemory):
             out[f"{name}.values"] = module.values
     rec = model.config.midus_upscale
-    if rec["method"] == "llama_pro":
+    if rec["method"] in ("llama_pro", "avg_deus", "opt_deus"):
+        writers, _ = residual_writers(rec["base_model_type"])
         for p in rec["inserted_positions"]:
-            for path in ("self_attn.o_proj", "mlp.down_proj"):
+            for path in writers.values():
                 for pname, param in model.model.layers[p].get_submodule(path).named_parameters():
                     out[f"model.layers.{p}.{path}.{pname}"] = param
     return out
@@ -189,6 +202,18 @@ def test_nested_text_config_is_updated():
     (lambda b: upscale(b, "midus", 2, n=4, k=8), ValueError, "k must"),
     (lambda b: upscale(b, "midus", 2, tau=0.0), ValueError, "tau"),
     (lambda b: upscale(b, "midus", 2, query_norm="layer"), ValueError, "query_norm"),
+    (lambda b: upscale(b, "opt_deus", 4), ValueError, "num_blocks"),  # top-gaps: at most L - 1
+    (lambda b: upscale(b, "dus", 4, placement="top-gaps"), ValueError, "num_blocks"),
+    (lambda b: upscale(b, "opt_deus", 2, reg=0.0), ValueError, "reg"),
+    (lambda b: upscale(b, "opt_deus", 2, max_iter=0), ValueError, "max_iter"),
+    (lambda b: upscale(b, "avg_deus", 2, identity="yes"), ValueError, "identity"),
+    (lambda b: upscale(b, "avg_deus", 2, reg=0.1), TypeError, "reg"),  # avg_deus has no plan
+    (lambda b: upscale(b, "llama_pro", 2, reg=0.1), TypeError, "method='midus' only"),
+    (lambda b: upscale(b, "dus", 2, placement="importance"), ValueError, "calibration"),
+    (lambda b: upscale(b, "dus", 2, calibration=token_ids()), ValueError, "calibration"),
+    (lambda b: upscale(b, "dus", 2, placement="importance", calibration=token_ids(), importance="neurons"),
+     ValueError, "importance"),
+    (lambda b: upscale(b, "solar", 2, placement="importance", calibration=token_ids()), ValueError, "solar"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -204,12 +229,21 @@ def test_bad_input_messages_name_the_problem():
     assert all(m in str(e.value) for m in midus.METHODS)
 
 
+def test_hml_without_out_proj_needs_heads_times_head_dim_equal_to_hidden_size():
+    wide = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=32))  # 4 x 32 = 128 != 64 (as Gemma 3 270M, Qwen3-0.6B)
+    with pytest.raises(ValueError, match="out_proj='copy'"):
+        upscale(wide, "midus", 2, **SMALL_MEM)
+    new = upscale(wide.eval(), "midus", 2, out_proj="copy", **SMALL_MEM).eval()
+    with torch.no_grad():
+        assert torch.equal(new(token_ids()).logits, wide(token_ids()).logits)
+
+
 def test_unsupported_family_lists_the_supported_ones():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32))
     with pytest.raises(ValueError) as e:
         upscale(gpt2, "dus", 1)
     msg = str(e.value)
-    assert "gpt2" in msg and all(f in msg for f in ("llama", "mistral", "qwen2", "qwen3"))
+    assert "gpt2" in msg and all(f in msg for f in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"))
 
 
 # ----------------------------------------------------------------- copies: clones, input untouched
@@ -254,6 +288,8 @@ def test_copied_weights_come_from_the_right_layers(family, variant):
                 assert torch.equal(value, bsd[f"model.layers.{src}.self_attn.o_proj.{rest[9:]}"])
             continue
         expected = bsd[f"model.layers.{src}.{rest}"]
+        if rec["method"] in ("avg_deus", "opt_deus") and int(pos) in rec["inserted_positions"]:
+            continue  # fused from two layers, checked in test_deus.py
         is_writer = rec["method"] == "llama_pro" and int(pos) in rec["inserted_positions"] and \
             (rest.startswith("self_attn.o_proj.") or rest.startswith("mlp.down_proj."))
         if is_writer:
@@ -426,7 +462,7 @@ def test_trust_remote_code_in_a_fresh_process(tmp_path):
     """config.json's auto_map + the copied modeling file load without ever importing midus."""
     paths = []
     for family, variant in [("llama", "midus-hml-copy"), ("mistral", "midus-pkm"), ("qwen2", "midus-hml"),
-                            ("qwen3", "midus-hml")]:
+                            ("qwen3", "midus-hml"), ("gemma3", "midus-pkm"), ("phi3", "midus-hml")]:
         new = up(tiny(family), variant)
         perturb_zero_init(new)
         path = tmp_path / f"{family}-{variant}"
