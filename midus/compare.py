@@ -277,7 +277,26 @@ def _method_row(name: str, cfg: CompareConfig, grid: List[dict], chosen: Optiona
     return row
 
 
-def compare(cfg: CompareConfig, output_dir: Optional[str] = None, in_process: bool = False) -> dict:
+# Settings that must match for rows of an earlier comparison to be reused (everything but which
+# methods run and how progress is shown).
+_RESUME_IGNORES = ("methods", "progress")
+
+
+def resumable_rows(cfg: CompareConfig, previous: dict) -> Dict[str, dict]:
+    """The finished rows of an earlier report that ``cfg`` can reuse: {method: row}. Raises
+    ValueError naming the settings that differ (a row is only comparable under the same budget,
+    LR grid, seeds, data and model)."""
+    old = previous.get("config", {})
+    new = asdict(cfg)
+    diff = sorted(k for k in new if k not in _RESUME_IGNORES and old.get(k) != new[k])
+    if diff:
+        raise ValueError(f"--resume: the earlier comparison used other settings ({', '.join(diff)}); its rows are "
+                         f"not comparable: use the same settings or a new --output")
+    return {r["method"]: r for r in previous.get("rows", []) if "error" not in r}
+
+
+def compare(cfg: CompareConfig, output_dir: Optional[str] = None, in_process: bool = False,
+            previous: Optional[dict] = None) -> dict:
     """Run every method of ``cfg.methods`` (each run in a fresh process unless ``in_process``) and,
     if ``output_dir`` is given, write ``compare.json``, ``compare.md`` and ``compare.png`` there
     (and ``compare_curves.png`` with ``curves``).
@@ -290,18 +309,24 @@ def compare(cfg: CompareConfig, output_dir: Optional[str] = None, in_process: bo
     their ``_spread`` over seeds, ``lr_grid``, ``chosen_lr``, ``seeds``, ``zero_shot`` ({task:
     {"acc", "acc_norm", "n", ...}}, mean over seeds), ``curves`` and ``health`` where asked and
     timings, or ``error`` (the worker's exception, or its exit status if it died).
-    Raises ValueError for bad settings (:class:`CompareConfig`).
+    ``previous``: an earlier report with the same settings (:func:`resumable_rows`); its finished
+    rows are kept and only the other methods run. With ``output_dir`` the report is rewritten after
+    every method, so an interrupted comparison can resume. Raises ValueError for bad settings
+    (:class:`CompareConfig`).
     """
-    import platform
-
-    import torch
-
     t0 = time.time()
     rows = []
     tasks = bool(cfg.tasks)
+    done = resumable_rows(cfg, previous) if previous else {}
+    wall_before = (previous or {}).get("environment", {}).get("wall_s", 0.0) if done else 0.0
     with tempfile.TemporaryDirectory(prefix="midus-compare-") as tmp:
         tmp = Path(tmp)
         for i, name in enumerate(cfg.methods):
+            if name in done:
+                print(f"[midus] compare {i + 1}/{len(cfg.methods)}: {name} (kept from the earlier run)",
+                      file=sys.stderr, flush=True)
+                rows.append(done[name])
+                continue
             print(f"[midus] compare {i + 1}/{len(cfg.methods)}: {name}", file=sys.stderr, flush=True)
             if name == "base":
                 r = _do({"kind": "run", "name": name, "seed": cfg.seed, "tasks": tasks, "curve": False}, cfg, tmp,
@@ -342,14 +367,24 @@ def compare(cfg: CompareConfig, output_dir: Optional[str] = None, in_process: bo
             print(f"[midus] compare {name}: " + (f"error: {r['error']}" if "error" in r else
                   f"test ppl {r['ppl']:.3f}" + (f" at lr {r['chosen_lr']:g}" if r.get("chosen_lr") else "")),
                   file=sys.stderr, flush=True)
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
-           platform.machine(), "threads": torch.get_num_threads(), "cuda": torch.version.cuda,
-           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-           "date": time.strftime("%Y-%m-%d"), "wall_s": time.time() - t0}
-    report = {"config": asdict(cfg), "environment": env, "rows": rows}
+            if output_dir:  # after every method: an interrupted comparison keeps what it finished
+                write_report(_report(cfg, rows, wall_before + time.time() - t0), output_dir)
+    report = _report(cfg, rows, wall_before + time.time() - t0)
     if output_dir:
         write_report(report, output_dir)
     return report
+
+
+def _report(cfg: CompareConfig, rows: List[dict], wall_s: float) -> dict:
+    import platform
+
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
+           platform.machine(), "threads": torch.get_num_threads(), "cuda": torch.version.cuda,
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "date": time.strftime("%Y-%m-%d"), "wall_s": wall_s}
+    return {"config": asdict(cfg), "environment": env, "rows": list(rows)}
 
 
 def _mean_acc(row: dict) -> Optional[float]:
@@ -571,6 +606,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="midus-compare",
                    help="folder for compare.json, compare.md and compare.png (default: ./midus-compare)")
     p.add_argument("--progress", action="store_true", help="show training progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished rows of the comparison already in --output (same settings required) and "
+                        "run only the other methods; the report is rewritten after every method")
     add_recipe_arguments(p)
 
 
@@ -651,7 +689,13 @@ def run(args) -> int:
             cfg.tasks = resolve_tasks(cfg.tasks)
         except ValueError as err:
             raise ValueError(f"--{err}") from None
-    report = compare(cfg, output_dir=args.output)
+    previous = None
+    if args.resume:
+        path = Path(args.output).expanduser() / "compare.json"
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            resumable_rows(cfg, previous)  # refuse other settings before any work
+    report = compare(cfg, output_dir=args.output, previous=previous)
     print(markdown_table(report))
     print(f"wrote {args.output}/compare.json, compare.md, compare.png")
     return 0 if all("error" not in r for r in report["rows"]) else 1

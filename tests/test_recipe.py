@@ -396,3 +396,20 @@ def test_cli_train_takes_the_recipe(tiny_model_dir, tiny_text_file, tmp_path, ca
     log = [json.loads(x) for x in open(out / "train_log.jsonl")]
     assert [r["lr"]["memory_kv"] for r in log] == pytest.approx([1e-2, 1e-2 - 9e-3 / 3, 1e-2 - 18e-3 / 3])
     assert json.loads((out / "config.json").read_text())["midus_train"]["memory_lr_schedule"] == "decay"
+
+
+def test_compare_resumes_with_the_same_settings_only(tmp_path, tiny_model_dir, tiny_text_file, one_thread, capsys):
+    out = tmp_path / "out"
+    first = _cmp_args(tiny_model_dir, tiny_text_file, out, "--methods", "base,midus", "--lr", "1e-2")
+    assert cmp.run(first) == 0
+    before = json.loads((out / "compare.json").read_text())
+    more = _cmp_args(tiny_model_dir, tiny_text_file, out, "--methods", "base,dus,midus", "--lr", "1e-2", "--resume")
+    assert cmp.run(more) == 0
+    after = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in after["rows"]] == ["base", "dus", "midus"]
+    assert after["rows"][0] == before["rows"][0] and after["rows"][2] == before["rows"][1]  # kept, not rerun
+    assert "kept from the earlier run" in capsys.readouterr().err
+    other = _cmp_args(tiny_model_dir, tiny_text_file, out, "--methods", "base,midus", "--lr", "1e-3", "--resume")
+    with pytest.raises(ValueError, match="lrs"):
+        cmp.run(other)
+    assert json.loads((out / "compare.json").read_text()) == after
