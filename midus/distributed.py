@@ -4,8 +4,9 @@
 functions here; they are usable on their own too.
 
 - Sharding (:func:`shard_model`): ``torch.distributed.fsdp.fully_shard`` on every decoder layer
-  and every memory block (the classes in the model's ``_no_split_modules``), then on the root
-  (embeddings, final norm, LM head, tied or not). Each rank holds 1/N of every parameter, of the
+  and every memory block (the classes in the model's ``_no_split_modules``), on the input
+  embedding and the LM head when they are not tied, then on the root (the rest: final norm, tied
+  embeddings). Each rank holds 1/N of every parameter, of the
   gradients and of the AdamW state; a unit's parameters are all-gathered just before its forward
   (and again for its backward), so the memory layer's custom ops (``midus_ops::pk_topk``,
   ``hive_gather``) see plain unsharded tensors. Buffers (rotary frequencies, the memory usage
@@ -40,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["init_fsdp", "shard_model", "shard_units", "uses_mixed_precision", "is_sharded", "save_checkpoint",
-           "load_checkpoint", "checkpoint_format", "gather_model", "save_pretrained", "DCP_FORMAT"]
+           "load_checkpoint", "checkpoint_format", "gather_model", "save_pretrained", "estimate_memory", "DCP_FORMAT"]
 
 DCP_FORMAT = "fsdp-dcp"  # trainer_state.json "format" of a sharded checkpoint
 
@@ -110,8 +111,11 @@ def is_sharded(model) -> bool:
 def shard_units(model) -> List[str]:
     """Names of the submodules :func:`shard_model` makes their own FSDP unit: the decoder layers
     and memory blocks, i.e. the modules whose class is in ``model._no_split_modules`` (the
-    classes transformers keeps whole on one device), outermost first; a model without that list
-    falls back to the children of ``model.model.layers``. Raises ValueError if none is found."""
+    classes transformers keeps whole on one device), outermost first, a model without that list
+    falling back to the children of ``model.model.layers``; then, when they are not tied, the
+    input embedding and the LM head (for a 128k vocabulary each is 0.26-0.53 B parameters: in the
+    root unit they would stay gathered for the whole step). Tied ones stay in the root (one
+    parameter cannot live in two units). Raises ValueError if no layer is found."""
     classes = set(getattr(model, "_no_split_modules", None) or [])
     units: List[str] = []
     for name, module in model.named_modules():
@@ -125,6 +129,11 @@ def shard_units(model) -> List[str]:
     if not units:
         raise ValueError(f"fsdp: found no decoder layers to shard in {type(model).__name__} (no _no_split_modules "
                          f"and no model.layers)")
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb, head = (get_in() if get_in else None), (get_out() if get_out else None)
+    if emb is not None and head is not None and emb.weight is not head.weight:
+        names = {id(m): n for n, m in model.named_modules()}
+        units += [names[id(m)] for m in (emb, head) if id(m) in names and names[id(m)]]
     return units
 
 
@@ -301,3 +310,65 @@ def save_pretrained(model, path, tokenizer=None, **kwargs) -> None:
             tokenizer.save_pretrained(path)
     if dist.is_initialized():
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def estimate_memory(model, world_size: int, strategy: str = "fsdp", trainable: str = "new",
+                    mixed_precision: bool = True) -> dict:
+    """Bytes of model state per rank for training ``model`` (built on the meta device is enough:
+    only shapes are read) with ``strategy`` "ddp" (also one GPU, and the Trainer under DDP) or
+    "fsdp" (this module) on ``world_size`` ranks; activations are not included. ``trainable``:
+    "new" (the inserted blocks) or "all". ``mixed_precision``: bf16 compute (autocast for DDP,
+    the bf16 policy for FSDP), fp32 master weights and AdamW state either way.
+
+    With P parameters (tied ones once), T trainable, N ranks, FSDP units of U1 >= U2 parameters
+    (the two largest), Ut the largest unit's trainable parameters, R the root unit's own, and
+    b = 2 (bf16) or 4 (fp32) bytes per gathered parameter:
+
+    - ddp:  4P weights + 4T gradients + 4T DDP buckets (N > 1) + 8T AdamW (m, v) + 2T autocast's
+      bf16 copies of the trainable weights (mixed precision);
+    - fsdp: (4P + 4T + 8T) / N sharded weights, gradients, AdamW; + b(U1 + U2) gathered (the unit
+      computing and the one prefetched); + (b + 4)Ut the unsharded gradient of a unit and its fp32
+      copy for the reduce-scatter (b Ut without mixed precision); + bR the root, gathered all step.
+
+    Returns a dict of those terms in bytes (``weights``, ``grads``, ``buckets``, ``optimizer``,
+    ``autocast``, ``gathered``, ``unit_grads``, ``root``, ``total``) and the counts ``P``, ``T``,
+    ``U1``, ``U2``, ``Ut``, ``R``."""
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+    if trainable not in ("new", "all"):
+        raise ValueError(f"trainable must be 'new' or 'all', got {trainable!r}")
+    if int(world_size) < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    from . import new_parameter_names
+
+    params = {}
+    for name, p in model.named_parameters():  # tied parameters appear once
+        params.setdefault(id(p), (name, p.numel()))
+    train_names = new_parameter_names(model) if trainable == "new" else {n for n, _ in params.values()}
+    P = sum(n for _, n in params.values())
+    T = sum(n for name, n in params.values() if name in train_names)
+    units = shard_units(model)
+
+    def in_unit(name, unit):
+        return name.startswith(unit + ".")
+
+    sizes = [sum(n for name, n in params.values() if in_unit(name, u)) for u in units]
+    trained = [sum(n for name, n in params.values() if in_unit(name, u) and name in train_names) for u in units]
+    R = sum(n for name, n in params.values() if not any(in_unit(name, u) for u in units))
+    top = sorted(sizes, reverse=True) + [0, 0]
+    U1, U2, Ut = top[0], top[1], max(trained + [0])
+    N, b = int(world_size), (2 if mixed_precision else 4)
+    out = dict(P=P, T=T, U1=U1, U2=U2, Ut=Ut, R=R, weights=0, grads=0, buckets=0, optimizer=0, autocast=0,
+               gathered=0, unit_grads=0, root=0)
+    if strategy == "ddp":
+        out.update(weights=4 * P, grads=4 * T, buckets=4 * T if N > 1 else 0, optimizer=8 * T,
+                   autocast=2 * T if mixed_precision else 0)
+    else:
+        out.update(weights=4 * P / N, grads=4 * T / N, optimizer=8 * T / N, gathered=b * (U1 + U2),
+                   unit_grads=(b + 4) * Ut if mixed_precision else b * Ut, root=b * R)
+    out["total"] = sum(out[k] for k in ("weights", "grads", "buckets", "optimizer", "autocast", "gathered",
+                                        "unit_grads", "root"))
+    return out

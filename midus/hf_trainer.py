@@ -29,7 +29,8 @@ gives it what :func:`midus.train.train` does on its own (spec 3.4)::
   (not under DeepSpeed, which clips inside its engine, nor accelerate's FSDP1: refused).
 
 :class:`PackedDataset` turns packed sequences (``int64 [N, T]``) into the Trainer's examples
-(``input_ids`` = ``labels``; the model shifts the labels).
+(``input_ids`` = ``labels``; the model shifts the labels). ``python -m midus.hf_trainer --model
+FOLDER --output OUT`` (also under ``torchrun``) is a runnable example (:func:`main`).
 """
 from __future__ import annotations
 
@@ -204,3 +205,69 @@ class MidusTrainer(Trainer):
 
 # The recipe keywords MidusTrainer takes are exactly midus.train's recipe fields.
 assert set(RECIPE_FIELDS) <= set(MidusTrainer.__init__.__code__.co_varnames)
+
+
+# ----------------------------------------------------------------------------- a runnable example
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m midus.hf_trainer`` (or under ``torchrun`` / ``accelerate launch``: DDP): CPT of a
+    model folder with :class:`MidusTrainer`; the final model and tokenizer go to ``--output``, the
+    Trainer's checkpoints to ``<output>-trainer``. A small, complete example: for DeepSpeed or
+    accelerate's FSDP, build the ``TrainingArguments`` in Python (``deepspeed=``, ``fsdp=``)."""
+    import argparse
+    import sys
+
+    from transformers import TrainingArguments
+
+    from .data import load_corpus, pack_sequences
+    from .runtime import atomic_output_dir, check_output, load_model
+    from .train import add_recipe_arguments, recipe_from_args
+
+    ap = argparse.ArgumentParser(prog="python -m midus.hf_trainer", description=main.__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="an up-scaled model folder (e.g. from `midus upscale`)")
+    ap.add_argument("--data", default="wiki", help="'wiki', a .txt / .jsonl file or a datasets folder (default: wiki)")
+    ap.add_argument("--output", required=True, help="folder for the trained model")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4, help="sequences per process per micro-step")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--scheduler", default="cosine", help="lr_scheduler_type of the other groups (default: cosine)")
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--trainable", choices=["auto", "new", "all"], default="auto")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    ap.add_argument("--save-steps", type=int, default=0, help="Trainer checkpoint every N steps (0: none)")
+    ap.add_argument("--seed", type=int, default=0)
+    add_recipe_arguments(ap)
+    args = ap.parse_args(argv)
+    try:
+        check_output(args.output)
+        model, tokenizer, path = load_model(args.model)
+        split = "train" if args.data == "wiki" else "all"
+        data = pack_sequences(load_corpus(args.data, tokenizer, split=split), args.seq_len)
+        targs = TrainingArguments(
+            output_dir=f"{args.output.rstrip('/')}-trainer", max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup,
+            lr_scheduler_type=args.scheduler, weight_decay=args.weight_decay, adam_beta1=0.9, adam_beta2=0.95,
+            max_grad_norm=args.max_grad_norm, bf16=args.bf16, logging_steps=max(1, args.steps // 20),
+            save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, report_to=[],
+            seed=args.seed, dataloader_num_workers=0)
+        trainer = MidusTrainer(model=model, args=targs, train_dataset=PackedDataset(data), trainable=args.trainable,
+                               **recipe_from_args(args))
+        trainer.train()
+        if trainer.is_world_process_zero():
+            with atomic_output_dir(args.output) as tmp:
+                trainer.save_model(str(tmp))
+                tokenizer.save_pretrained(tmp)
+            print(f"wrote {args.output}: {trainer.state.global_step} steps with the Hugging Face Trainer")
+    except (ValueError, FileNotFoundError) as err:
+        print(f"python -m midus.hf_trainer: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

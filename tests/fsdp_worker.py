@@ -96,6 +96,8 @@ def checks(spec):
     full = {k: v.clone() for k, v in model.state_dict().items()}
     D.shard_model(model, torch.device("cpu"))
     report["units"] = D.shard_units(model)
+    report["local_params"] = sum(p.to_local().numel() for p in model.parameters())
+    report["params"] = sum(v.numel() for v in full.values())
     report["kv"] = {n: {"local_is_chunk": torch.equal(model.get_parameter(n).to_local(),
                                                       torch.chunk(full[n], world, dim=0)[rank]),
                         "full_tensor_equal": torch.equal(model.get_parameter(n).full_tensor(), full[n]),

@@ -32,6 +32,7 @@ from midus.train import TrainConfig, train
 TESTS = os.path.dirname(os.path.abspath(__file__))
 MIDUS_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(midus.__file__)))
 ATOL = 1e-5
+VOCAB_EST = 1024  # embedding (1024 x 64) larger than a decoder layer: the two largest units are embedding and head
 TIMEOUT = 420  # a launch that hangs fails the test instead
 
 
@@ -243,11 +244,14 @@ def test_fsdp_resume_two_processes_onto_one(setup, launch_a, launch_b, reference
 
 def test_fsdp_shards_and_gathers_memory_key_values_exactly(launch_c):
     report = launch_c["report"]
-    # Every decoder layer and both memory blocks are units of their own (6 of them).
-    assert report["units"] == [f"model.layers.{i}" for i in range(6)]
+    # Every decoder layer and both memory blocks are units of their own (6 of them), and so are
+    # the (untied) embedding and LM head.
+    assert report["units"] == [f"model.layers.{i}" for i in range(6)] + ["model.embed_tokens", "lm_head"]
     assert set(report["kv"]) == {f"model.layers.{p}.memory.{leaf}" for p in (2, 5) for leaf in ("subkeys", "bank", "proj")}
     for name, r in report["kv"].items():
         assert r["sharded"] and r["local_is_chunk"] and r["full_tensor_equal"], (name, r)
+    # Rank 0 holds about half of all parameters (dim-0 chunks; odd row counts round up on rank 0).
+    assert report["params"] / 2 <= report["local_params"] <= report["params"] / 2 * 1.05
     assert report["gather_keys_equal"] and report["gather_equal"] == []
     assert report["gathered_class"] == "MidusForCausalLM"
     # Usage statistics: float64 plain tensors on every rank, counting this rank's tokens.
@@ -290,3 +294,30 @@ def test_fsdp_refusals_are_clear_errors_not_hangs(setup, launch_a, launch_c, mon
     err = capsys.readouterr().err
     assert code == 1 and "midus train: error: fsdp: no process group" in err and "torchrun" in err
     assert not (tmp_path / "never").exists()
+
+
+def test_estimate_memory_counts_and_formula():
+    """The README's per-rank figures come from estimate_memory: its counts against the model's."""
+    from midus.distributed import estimate_memory, shard_units
+
+    model = midus.upscale(make_tiny_llama(VOCAB_EST), "midus", num_blocks=2, **MEM)
+    P = sum(p.numel() for p in model.parameters())
+    new = midus.new_parameter_names(model)
+    T = sum(p.numel() for n, p in model.named_parameters() if n in new)
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    units = shard_units(model)
+    assert units[-2:] == ["model.embed_tokens", "lm_head"]  # untied: units of their own
+    emb = VOCAB_EST * 64
+    ddp = estimate_memory(model, 8, "ddp", "new")
+    assert (ddp["P"], ddp["T"]) == (P, T)
+    assert ddp["total"] == 4 * P + 4 * T + 4 * T + 8 * T + 2 * T
+    assert estimate_memory(model, 1, "ddp", "all")["total"] == 4 * P + 4 * P + 8 * P + 2 * P  # no buckets on 1
+    f = estimate_memory(model, 4, "fsdp", "new")
+    assert emb > layer and (f["U1"], f["U2"]) == (emb, emb)
+    assert f["R"] == model.model.norm.weight.numel()  # the root keeps only the final norm
+    assert f["Ut"] == sum(p.numel() for p in model.model.layers[2].parameters())  # a memory block
+    assert f["total"] == pytest.approx((4 * P + 4 * T + 8 * T) / 4 + 2 * (f["U1"] + f["U2"]) + 6 * f["Ut"] + 2 * f["R"])
+    with pytest.raises(ValueError, match="strategy"):
+        estimate_memory(model, 2, "zero3")
+    with pytest.raises(ValueError, match="world_size"):
+        estimate_memory(model, 0)

@@ -164,3 +164,24 @@ def test_trainer_bad_settings_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="model"):
         MidusTrainer(args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
                      model_init=tiny_midus)
+
+
+def test_trainer_example_command(tmp_path, tiny_model_dir, tiny_text_file, one_thread):
+    """python -m midus.hf_trainer: a tiny up-scaled folder trained 2 steps, the output loads."""
+    from midus.hf_trainer import main
+
+    up = tmp_path / "up"
+    midus.upscale(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "midus", num_blocks=1, n=8, k=4,
+                  d_z=16).save_pretrained(up)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(up)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["--model", str(up), "--data", tiny_text_file, "--output", str(tmp_path / "out"), "--steps", "2",
+                     "--seq-len", "16", "--batch-size", "2", "--memory-lr-scale", "10"])
+    assert code == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.midus_upscale["method"] == "midus"
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert main(["--model", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o2")]) == 1
