@@ -9,8 +9,9 @@ split (``midus.train.train``, the same global batch in every launch: ``--global-
 sequences of ``--seq-len`` tokens). Per rank, after training: the bytes of this rank's
 parameters (its shards under FSDP) and of its AdamW state, measured on the tensors, beside
 :func:`midus.distributed.estimate_memory`'s weights + AdamW terms for the same run; the seconds
-of each step (the first is left out of the median); the process's peak resident set (VmHWM: on a
-CPU it includes loading the whole model in every rank before sharding). Rank 0 writes ``--out``.
+of each step, wall and this process's CPU time (the first step is left out of the medians); the
+process's peak resident set (VmHWM: on a CPU it includes loading the whole model in every rank
+before sharding). Rank 0 writes ``--out``.
 """
 import argparse
 import json
@@ -59,12 +60,15 @@ def main():
         return optimizers[-1]
 
     mt.build_optimizer = keep
-    times, last = [], [time.time()]
+    # Wall time and this process's CPU time (all its threads, gloo's included) per step: on a
+    # machine shared with other jobs the CPU time moves less than the wall time.
+    times, cpu, last = [], [], [time.time(), time.process_time()]
 
     def tick(step, _model):
-        now = time.time()
+        now, now_cpu = time.time(), time.process_time()
         times.append(now - last[0])
-        last[0] = now
+        cpu.append(now_cpu - last[1])
+        last[0], last[1] = now, now_cpu
 
     t0 = time.time()
     res = mt.train(model, data, max_steps=args.steps, micro_batch_size=args.global_batch // world, lr=1e-3,
@@ -76,6 +80,7 @@ def main():
     with open("/proc/self/status") as f:
         hwm = int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1024
     row = {"rank_param_mib": params / 2 ** 20, "rank_adam_mib": adam / 2 ** 20, "vmhwm_mib": hwm,
+           "cpu_s_per_step_median": statistics.median(cpu[1:]), "cpu_step_s": cpu,
            "est_param_mib": est["weights"] / 2 ** 20, "est_adam_mib": est["optimizer"] / 2 ** 20}
     rows = [None] * world
     if world > 1:
