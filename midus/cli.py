@@ -9,6 +9,7 @@
     midus bench ops blocks          # the benchmark suite (or a part), baselines side by side
     midus compare                   # every up-scaling method, same CPT budget: table + plot (~21 min CPU)
     torchrun --nproc_per_node 2 -m midus train ...   # DDP (gloo on CPU, NCCL on GPU)
+    torchrun --nproc_per_node 8 -m midus train --fsdp ...   # FSDP2: parameters, gradients, AdamW state sharded
 
 ``--model default`` is SmolLM2-135M-Instruct, fetched and converted on first use
 (:mod:`midus.defaults`); ``--data wiki`` is the Wikipedia text of spec/HML.md section 5, split
@@ -176,7 +177,12 @@ def cmd_train(args) -> int:
     from .train import _barrier, dist_info, init_distributed, train
 
     _check_output(args.output)  # before hours of training, not after
-    device = init_distributed()
+    if args.fsdp:
+        from .distributed import init_fsdp
+
+        device = init_fsdp()  # refuses (ValueError naming fsdp) outside torchrun, before any model loads
+    else:
+        device = init_distributed()
     rank, world, _ = dist_info()
     # Rank 0 fetches shared inputs (default model, wiki dump) first; the others then read the cache.
     if rank == 0:
@@ -190,11 +196,15 @@ def cmd_train(args) -> int:
     data = _train_data(args, tokenizer, args.seq_len)
     ckpt = args.checkpoint_dir or f"{Path(args.output).expanduser().absolute()}-checkpoints"
     cfg = _train_config(args, checkpoint_dir=ckpt, save_every=args.save_every, resume_from=args.resume,
-                        max_seconds=args.max_seconds)
+                        max_seconds=args.max_seconds, fsdp=args.fsdp)
     if rank == 0:
         _log(f"training {path} on {args.data} ({data.shape[0]} sequences of {args.seq_len} tokens), "
-             f"{world} process(es) on {device}; checkpoints and log in {ckpt}")
+             f"{world} process(es) on {device}{' with FSDP2' if args.fsdp else ''}; checkpoints and log in {ckpt}")
     result = train(model, data, cfg)
+    if args.fsdp:
+        from .distributed import gather_model
+
+        model = gather_model(model)  # every rank takes part; rank 0 gets the plain model
     if rank == 0:
         with atomic_output_dir(args.output) as tmp:
             model.save_pretrained(tmp)
@@ -205,9 +215,9 @@ def cmd_train(args) -> int:
               f"{result.tokens_per_s:.0f} tokens/s, trainable={result.trainable} "
               f"({result.trainable_params:,} parameters)")
     _barrier()
-    if world > 1:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    if dist.is_initialized():  # also the one-process group of --fsdp under torchrun
         dist.destroy_process_group()
     return 0
 
@@ -476,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="continued pre-training (CPT); works under torchrun",
                        description="Continued pre-training with the optimizer groups of spec 3.4. Checkpoints and "
                                    "a JSONL log go to --checkpoint-dir; the final model to --output (atomically). "
-                                   "Run under `torchrun --nproc_per_node N -m midus train ...` for DDP.")
+                                   "Run under `torchrun --nproc_per_node N -m midus train ...` for DDP, add "
+                                   "--fsdp to shard the model (FSDP2).")
     p.add_argument("--model", required=True, help="local model folder (e.g. from `midus upscale`), or 'default'")
     p.add_argument("--output", required=True, help="folder for the trained model (replaced only on success)")
     _add_data_args(p, "documents to train on (default: train for wiki, all otherwise)")
@@ -487,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint folder, or the latest in --checkpoint-dir if no value is given")
     g.add_argument("--max-seconds", type=float, default=0.0, help="stop (and checkpoint) after this wall time")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state over the processes (PyTorch FSDP2; needs "
+                        "torchrun, also with one process); checkpoints are sharded (torch.distributed.checkpoint) "
+                        "and resume on any number of processes; --output is a normal model folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

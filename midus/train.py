@@ -21,6 +21,12 @@
 - One process, or several under ``torchrun`` (DistributedDataParallel; gloo on CPU, NCCL on
   GPU): each rank reads its share of every global batch (``DistributedSampler`` order), so a run
   on R ranks with micro-batch B matches one process with micro-batch R * B.
+- ``fsdp=True`` (``midus train --fsdp``): the same loop with the model sharded by FSDP2 instead of
+  replicated by DDP (:mod:`midus.distributed`): parameters, gradients and AdamW state split over
+  the ranks, the same parameter groups and clipping (over the sharded gradients), checkpoints
+  written with ``torch.distributed.checkpoint`` that resume on any number of processes. The model
+  stays sharded after :func:`train`; :func:`midus.distributed.gather_model` /
+  :func:`midus.distributed.save_pretrained` give the plain model / the Hugging Face folder.
 """
 from __future__ import annotations
 
@@ -93,6 +99,9 @@ class TrainConfig:
     memory_lr_schedule: str = "decay"   # "constant" | "decay" (linear to lr) | "cosine" (as the rest)
     memory_lr_decay_steps: int = 0      # "decay": steps to reach lr (0: max_steps)
     memory_max_grad_norm: float = 0.0   # > 0: memory key/values clipped on their own to this norm
+    # FSDP2 (midus.distributed): parameters, gradients and AdamW state sharded over the processes;
+    # needs a process group (torchrun); sharded checkpoints (torch.distributed.checkpoint).
+    fsdp: bool = False
 
     def __post_init__(self):
         for name in ("max_steps", "micro_batch_size", "grad_accum"):
@@ -358,6 +367,19 @@ def _save_checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, t
     return str(final)
 
 
+def _refuse_sharded_checkpoint(path) -> None:
+    p = Path(path)
+    if (p / "dcp").is_dir() and not (p / "model.safetensors").is_file():
+        raise ValueError(f"resume_from: {p} is a sharded (FSDP) checkpoint; resume it with fsdp=True (--fsdp) under "
+                         f"torchrun, on any number of processes")
+
+
+def _to_float(x) -> float:
+    """float() of a gradient norm; under FSDP it is a replicated DTensor."""
+    full = getattr(x, "full_tensor", None)
+    return float(full() if full is not None else x)
+
+
 def _load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_model
 
@@ -417,8 +439,10 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None,
             The model is put back in train mode after it.
 
     Returns a :class:`TrainResult`. Under ``torchrun`` every rank must call this with the same
-    arguments; the returned losses are averaged over ranks. Raises ValueError for bad settings
-    (the message names the field), FileNotFoundError for a missing ``resume_from``.
+    arguments; the returned losses are averaged over ranks. With ``fsdp=True`` the model is
+    sharded in place (an ``FSDPModule`` afterwards; :mod:`midus.distributed`). Raises ValueError
+    for bad settings (the message names the field; ``fsdp`` without a process group),
+    FileNotFoundError for a missing ``resume_from``.
     """
     from tqdm.auto import tqdm
 
@@ -427,18 +451,29 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None,
         raise ValueError(f"data must be int64 [num_sequences, seq_len], got {data.dtype} {tuple(data.shape)}")
     if data.shape[1] < 2:
         raise ValueError(f"data: seq_len must be >= 2 (one input and one next-token target), got {data.shape[1]}")
-    device = init_distributed()
+    if cfg.fsdp:
+        from . import distributed as fsdp_lib
+
+        device = fsdp_lib.init_fsdp()  # a clear ValueError, not a hang, without a process group
+    else:
+        device = init_distributed()
     rank, world, local = dist_info()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
     trainable_names = resolve_trainable(model, cfg.trainable)
     trainable = "all" if len(trainable_names) == len(dict(model.named_parameters())) else "new"
-    model.to(device)
+    if cfg.fsdp:
+        # Sharded unit by unit, moving each unit's shards to the device: the optimizer must see
+        # the sharded parameters (DTensors), so it is built after.
+        fsdp_lib.shard_model(model, device, cfg.precision)
+    else:
+        model.to(device)
     model.train()
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
-    ddp = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None) if world > 1 else None
+    ddp = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None) \
+        if world > 1 and not cfg.fsdp else None
     runner = ddp or model
     # The memory key/values are clipped on their own when the recipe says so (Meta's memory layers
     # clip the values separately): their gradients then do not shrink everyone else's step.
@@ -455,7 +490,11 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None,
             path = latest_checkpoint(cfg.checkpoint_dir)
             if path is None:
                 raise FileNotFoundError(f"resume_from='latest': no checkpoint in {cfg.checkpoint_dir}")
-        state = _load_checkpoint(path, model, optimizer, scheduler)
+        if cfg.fsdp:
+            state = fsdp_lib.load_checkpoint(path, model, optimizer, scheduler)
+        else:
+            _refuse_sharded_checkpoint(path)
+            state = _load_checkpoint(path, model, optimizer, scheduler)
         start_step, tokens_before = state["step"], state.get("tokens", 0)
 
     log_path = cfg.log_file or (os.path.join(cfg.checkpoint_dir, "log.jsonl") if cfg.checkpoint_dir else None)
@@ -481,7 +520,9 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None,
                 batch = data[idx[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]].to(device)
                 # DDP all-reduces on the last micro-batch only.
                 sync = ddp is None or micro == cfg.grad_accum - 1
-                with (nullcontext() if sync else ddp.no_sync()), _autocast(device, cfg.precision):
+                # Under FSDP the mixed-precision policy casts the parameters; no autocast on top.
+                with (nullcontext() if sync else ddp.no_sync()), \
+                        (nullcontext() if cfg.fsdp else _autocast(device, cfg.precision)):
                     loss = runner(input_ids=batch, labels=batch, use_cache=False).loss / cfg.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
@@ -489,7 +530,7 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None,
                                                        float("inf")) if params else torch.zeros(())
             memory_grad_norm = None
             if separate and memory_params:
-                memory_grad_norm = float(torch.nn.utils.clip_grad_norm_(memory_params, cfg.memory_max_grad_norm))
+                memory_grad_norm = _to_float(torch.nn.utils.clip_grad_norm_(memory_params, cfg.memory_max_grad_norm))
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
             optimizer.step()
             scheduler.step()
@@ -510,7 +551,7 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None,
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tps:.0f}")
             if log is not None:
-                record = {"step": step + 1, "loss": loss_val, "lr": lrs, "grad_norm": float(grad_norm),
+                record = {"step": step + 1, "loss": loss_val, "lr": lrs, "grad_norm": _to_float(grad_norm),
                           "tokens": tokens_before + result.tokens, "tokens_per_s": tokens_per_step / dt,
                           "elapsed_s": time.time() - t_start}
                 if memory_grad_norm is not None:
@@ -531,7 +572,11 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None,
             if cfg.checkpoint_dir and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last or out_of_time):
                 state = {"step": step + 1, "tokens": tokens_before + result.tokens, "world_size": world,
                          "seq_len": seq_len, "config": asdict(cfg)}
-                result.last_checkpoint = _save_checkpoint(cfg, step + 1, model, optimizer, scheduler, state)
+                if cfg.fsdp:
+                    result.last_checkpoint = fsdp_lib.save_checkpoint(cfg.checkpoint_dir, step + 1, model, optimizer,
+                                                                      scheduler, state, keep=cfg.keep_checkpoints)
+                else:
+                    result.last_checkpoint = _save_checkpoint(cfg, step + 1, model, optimizer, scheduler, state)
             if out_of_time and not last:
                 if rank == 0:
                     print(f"[midus] stopping after step {step + 1} of {cfg.max_steps}: "
