@@ -225,7 +225,8 @@ def _summarise(rows: List[dict], defs: Dict[str, dict]) -> List[dict]:
 def report(output: str) -> Dict[str, Any]:
     """Read ``output``/runs/*.json and write ``study.json``, ``study.md`` and ``study.png``."""
     out = Path(output).expanduser()
-    rows = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    # Hidden files are the specs of runs that were interrupted (pathlib's glob matches them).
+    rows = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json")) if not p.name.startswith(".")]
     if not rows:
         raise ValueError(f"--output: no finished runs in {out / 'runs'}")
     cfg = json.loads((out / "study_config.json").read_text()) if (out / "study_config.json").exists() else {}
@@ -233,8 +234,12 @@ def report(output: str) -> Dict[str, Any]:
     recipes = [s for s in summary if s["kind"] == "recipe"]
     chosen = min(recipes, key=lambda s: s["dev_ppl"])["name"] if recipes else None
     base = rows[0].get("curve", [{}])[0].get("ppl")
+    # A grid stopped early is reported as such, never as if the missing runs had not been asked for.
+    done = {(r["name"], r["seed"]) for r in rows}
+    missing = [f"{name} seed {seed}" for name in cfg.get("recipes", []) + cfg.get("baselines", [])
+               for seed in range(cfg.get("seeds", 0)) if (name, seed) not in done]
     rep = {"config": cfg, "chosen": chosen, "chosen_by": "lowest mean dev perplexity after training",
-           "base_dev_ppl": base, "summary": summary, "runs": rows,
+           "base_dev_ppl": base, "summary": summary, "missing": missing, "runs": rows,
            "environment": _environment()}
     (out / "study.json").write_text(json.dumps(rep, indent=1))
     (out / "study.md").write_text(markdown(rep))
@@ -287,6 +292,8 @@ def markdown(rep: Dict[str, Any]) -> str:
               f"random slots at uniform weights minus the learned loss. Chosen: `{rep['chosen']}` "
               f"({rep['chosen_by']}; test never used). {env.get('gpu') or env.get('cpu')}, torch {env.get('torch')}, "
               f"{env.get('date')}.", ""]
+    if rep.get("missing"):
+        lines += [f"Not run (the grid was stopped before them): {', '.join(rep['missing'])}.", ""]
     lines += ["Recipes:", ""] + [f"- `{s['name']}`: {s['label']}. {s['source']}" for s in summary
                                  if s["kind"] == "recipe"]
     return "\n".join(lines) + "\n"

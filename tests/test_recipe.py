@@ -328,7 +328,12 @@ def test_study_runs_resumes_and_chooses_on_dev(tmp_path, tiny_model_dir, tiny_te
     before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     assert S.run(args) == 0  # resumes: nothing left to run
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == before
-    assert "0 to run" in capsys.readouterr().err
+    assert "0 to run" in capsys.readouterr().err and rep["missing"] == []
+    # A grid stopped early says which runs are missing instead of reporting a smaller grid as whole.
+    (out / "runs" / "tiny-b__s0.json").unlink()
+    (out / "runs" / ".tiny-b__s0.spec.json").write_text("{}")  # left by an interrupted worker
+    rep = S.report(str(out))
+    assert rep["missing"] == ["tiny-b seed 0"] and "Not run" in (out / "study.md").read_text()
 
 
 def test_study_refuses_bad_settings():
