@@ -48,6 +48,8 @@ from torch import nn
 
 from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory, hive_gather, pk_topk
 
+from .placement import replace_layer_input
+
 __all__ = ["ANALYSES", "DEFAULT_TOKENS", "DEFAULT_WINDOW", "memory_blocks", "memory_forward", "override_memory",
            "slot_scores", "zero_heads", "head_importance", "fixed_slot_sets", "retrieval_loss", "fixed_retrieval",
            "memory_usage", "memory_health", "plot_head_importance", "plot_fixed_retrieval", "plot_memory_usage", "run_analyses",
@@ -302,7 +304,7 @@ class _Evaluator:
                     for j, layer in saved.items():
                         self.layers[j] = _Skip(layer)
                     hooks.append(self.layers[start].register_forward_pre_hook(
-                        self._feeder(self.inputs[start][i]), with_kwargs=True))
+                        replace_layer_input(self.inputs[start][i]), with_kwargs=True))
                 try:
                     with torch.no_grad(), override_memory(modules, records):
                         logits = self.model(input_ids=x, use_cache=False).logits
@@ -323,15 +325,6 @@ class _Evaluator:
     def _keeper(self, p: int):
         def hook(module, args, kwargs):
             self.inputs[p].append((args[0] if args else kwargs["hidden_states"]).detach())
-
-        return hook
-
-    @staticmethod
-    def _feeder(hidden: torch.Tensor):
-        def hook(module, args, kwargs):
-            if args:
-                return (hidden,) + tuple(args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
 
         return hook
 

@@ -78,7 +78,9 @@ class _Skip(nn.Module):
         return hidden_states if self.feed is None else self.feed
 
 
-def _feeder(hidden: torch.Tensor):
+def replace_layer_input(hidden: torch.Tensor):
+    """A forward pre-hook (``with_kwargs=True``) that gives a decoder layer ``hidden`` as its
+    hidden states, positional or keyword; used to rerun a stack from a recorded layer input."""
     def hook(module, args, kwargs):
         if args:
             return (hidden,) + tuple(args[1:]), kwargs
@@ -128,7 +130,7 @@ class _Passes:
                         self.layers[j] = _Skip(saved[j], feed)
                     if not skip:
                         hooks.append(self.layers[start].register_forward_pre_hook(
-                            _feeder(self.inputs[start][i]), with_kwargs=True))
+                            replace_layer_input(self.inputs[start][i]), with_kwargs=True))
                     if head is not None:
                         h, dh = head
                         hooks.append(self.layers[start].self_attn.o_proj.register_forward_pre_hook(_head_zeroer(h, dh)))
