@@ -585,6 +585,14 @@ def memory_usage(model, input_ids: torch.Tensor, window: int = DEFAULT_WINDOW, b
             "seconds": time.time() - t0}
 
 
+def retrieval_gain_words(gain: float) -> str:
+    """``memory_health``'s ``retrieval_gain`` (random-slot loss minus learned loss, nats) in words
+    that stay true when it is negative."""
+    if gain > 0:
+        return f"learned retrieval beats random slots by {gain:.3f} nats"
+    return f"learned retrieval does not beat random slots (random minus learned: {gain:.3f} nats)"
+
+
 def memory_health(model, input_ids: torch.Tensor, window: int = DEFAULT_WINDOW, batch_size: int = 4, seed: int = 0,
                   device=None) -> dict:
     """Whether the memory learned, in three figures (what ``midus run`` prints after CPT).

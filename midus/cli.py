@@ -310,6 +310,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .analyze import retrieval_gain_words
     from .pipeline import Experiment, run_experiment
     from .train import memory_start_lr
 
@@ -356,8 +357,7 @@ def cmd_run(args) -> int:
     if h:
         print(f"memory health ({h['tokens']:,} val tokens): top-k weight entropy {h['weight_entropy']:.2f} of "
               f"ln k = {h['max_entropy']:.2f} ({h['entropy_ratio']:.0%}; 100% = the k slots weighed alike); "
-              f"{h['slot_usage']:.0%} of the slots read; learned retrieval beats random slots by "
-              f"{h['retrieval_gain']:.3f} nats")
+              f"{h['slot_usage']:.0%} of the slots read; {retrieval_gain_words(h['retrieval_gain'])}")
     print(f"wall time: {wall:.1f} s since the command started (model load {row['load_s']:.1f} s, evals "
           f"{row['eval_s']:.1f} s, memory health {h['seconds'] if h else 0.0:.1f} s, training {row['train_s']:.1f} s)")
     if args.json:

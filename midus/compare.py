@@ -416,6 +416,8 @@ def _lr_cell(r: dict) -> str:
 
 def markdown_table(report: dict) -> str:
     """The comparison as a Markdown table (one row per method)."""
+    from .analyze import retrieval_gain_words
+
     rows = report["rows"]
     c, e = report["config"], report["environment"]
     seeds = c.get("seeds", 1)
@@ -462,7 +464,7 @@ def markdown_table(report: dict) -> str:
     for label, h in health:
         lines.append(f"\nMemory health of {label} after CPT (dev): top-k weight entropy {h['weight_entropy']:.3f} of "
                      f"ln k = {h['max_entropy']:.3f} ({h['entropy_ratio']:.2f}), slots read {h['slot_usage']:.2f}, "
-                     f"learned retrieval beats random slots by {h['retrieval_gain']:.3f} nats.")
+                     f"{retrieval_gain_words(h['retrieval_gain'])}.")
     return "\n".join(lines) + "\n"
 
 

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .train import (RECIPE_FIELDS, TrainConfig, _constant, _LinearTo, build_param_groups, memory_start_lr,
                     resolve_trainable)
@@ -94,6 +94,19 @@ def schedule_multiplier(name: str, warmup_steps: int, total_steps: int,
 _DEFAULT = TrainConfig()
 
 
+class _RecordMemoryLR(TrainerCallback):
+    """The memory LR of the step just taken (after optimizer.step, before the scheduler moves on),
+    so the logged ``memory_lr`` is the one that step used, as the Trainer's ``learning_rate`` is."""
+
+    def __init__(self, trainer: "MidusTrainer"):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for g in self.trainer.optimizer.param_groups:
+            if g.get("name") == "memory_kv":
+                self.trainer._memory_lr = g["lr"]
+
+
 class MidusTrainer(Trainer):
     """A ``transformers.Trainer`` with the memory recipe of :mod:`midus.train` (module docstring).
 
@@ -119,7 +132,9 @@ class MidusTrainer(Trainer):
                              "set and the parameter groups are decided when the Trainer is built)")
         self.midus_trainable = resolve_trainable(model, trainable)
         self._memory_grad_norm: Optional[float] = None
+        self._memory_lr: Optional[float] = None
         super().__init__(*args, **kwargs)
+        self.add_callback(_RecordMemoryLR(self))
         if memory_max_grad_norm > 0:
             if getattr(self, "is_deepspeed_enabled", False):
                 raise ValueError("memory_max_grad_norm: DeepSpeed clips all gradients inside its engine, so the memory "
@@ -200,9 +215,8 @@ class MidusTrainer(Trainer):
 
     def log(self, logs: Dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self.optimizer is not None:
-            for g in self.optimizer.param_groups:
-                if g.get("name") == "memory_kv":
-                    logs["memory_lr"] = g["lr"]
+            if self._memory_lr is not None:
+                logs["memory_lr"] = self._memory_lr
             if self._memory_grad_norm is not None:
                 logs["memory_grad_norm"] = self._memory_grad_norm
         super().log(logs, *args, **kwargs)

@@ -31,6 +31,18 @@ from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = ["RECIPES", "BASELINES", "StudyConfig", "study", "report", "add_arguments", "run"]
 
+# Every recipe spells out all five memory fields of TrainConfig, starting from the paper's: a change
+# of TrainConfig's defaults (the default became the study's choice) must not change what a recipe
+# runs. Recipes recorded before this (in a study_config.json or a run's spec) listed only what they
+# changed from the defaults of the time, which were the paper's: _full_train reads them alike.
+_PAPER_TRAIN = {"memory_lr": None, "memory_lr_scale": 1.0, "memory_lr_schedule": "constant", "memory_lr_decay_steps": 0,
+                "memory_max_grad_norm": 0.0}
+
+
+def _full_train(train: Dict[str, Any]) -> Dict[str, Any]:
+    return {**_PAPER_TRAIN, **train}
+
+
 # name -> (label, TrainConfig memory fields, memory options of the layer, source)
 RECIPES: Dict[str, Dict[str, Any]] = {
     "paper": dict(label="paper: memory at the peak LR, constant", train={}, memory={},
@@ -57,6 +69,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                              source="the best LR schedule of the first round with sharper top-k weights from the start "
                                     "(a fixed temperature below 1; the learned one stayed near 1)"),
 }
+for _r in RECIPES.values():
+    _r["train"] = _full_train(_r["train"])
 # Reference rows under the same budget: name -> midus.upscale method.
 BASELINES: Dict[str, str] = {"llama_pro": "llama_pro"}
 
@@ -75,6 +89,9 @@ def _check(cfg: Dict[str, Any]) -> None:
     unknown = [r for r in cfg["recipes"] if r not in RECIPES]
     if unknown or not cfg["recipes"]:
         raise ValueError(f"--recipes: unknown {unknown or '(none given)'}; expected some of {', '.join(RECIPES)}")
+    for name in ("recipes", "baselines"):
+        if len(set(cfg[name])) != len(cfg[name]):
+            raise ValueError(f"--{name}: each at most once, got {','.join(cfg[name])}")
     unknown = [b for b in cfg["baselines"] if b not in BASELINES]
     if unknown:
         raise ValueError(f"--baselines: unknown {unknown}; expected some of {', '.join(BASELINES)} or none")
@@ -83,7 +100,7 @@ def _check(cfg: Dict[str, Any]) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {cfg[name]}")
     if cfg["points"] > cfg["steps"]:
         raise ValueError(f"--points ({cfg['points']}) must not exceed --steps ({cfg['steps']})")
-    if not cfg["lr"] > 0 or cfg["warmup"] < 0:
+    if not (cfg["lr"] > 0 and math.isfinite(cfg["lr"])) or cfg["warmup"] < 0:
         raise ValueError(f"need --lr > 0 and --warmup >= 0, got {cfg['lr']}, {cfg['warmup']}")
     if cfg["seq_len"] < 2 or cfg["window"] < 2:
         raise ValueError(f"--seq-len and --window must be >= 2, got {cfg['seq_len']}, {cfg['window']}")
@@ -112,7 +129,7 @@ def _experiment(cfg: Dict[str, Any], run: Dict[str, Any]):
     if run["kind"] == "recipe":
         recipe = (cfg.get("recipe_defs") or RECIPES)[run["name"]]
         method, options = "midus", dict(recipe["memory"])
-        train.update(recipe["train"])
+        train.update(_full_train(recipe["train"]))
     else:
         method, options = BASELINES[run["name"]], {}
     return Experiment(model=cfg["model"], data=cfg["data"], val_fraction=cfg["val_fraction"], method=method,
@@ -121,6 +138,28 @@ def _experiment(cfg: Dict[str, Any], run: Dict[str, Any]):
                       window=cfg["window"], curve_steps=curve_steps(cfg["steps"], cfg["points"]), curve_split="dev",
                       health=method == "midus", health_split="dev", health_tokens=cfg["health_tokens"],
                       seed=run["seed"], device=cfg["device"])
+
+
+# Settings that may differ when a study resumes: which runs there are and how they are scheduled.
+_RESUME_FREE = ("recipes", "baselines", "seeds", "jobs", "recipe_defs")
+
+
+def _check_resume(cfg: Dict[str, Any], out: Path) -> None:
+    """Refuse to add runs to ``out`` made under other settings (their rows would be reported under
+    this study's budget), naming the settings and recipe definitions that differ."""
+    old_file = out / "study_config.json"
+    done = [p for p in (out / "runs").glob("*.json") if not p.name.startswith(".")] if (out / "runs").is_dir() else []
+    if not done or not old_file.is_file():
+        return
+    old = json.loads(old_file.read_text())
+    diff = [k for k in cfg if k not in _RESUME_FREE and k in old and old[k] != cfg[k]]
+    for name, d in cfg["recipe_defs"].items():
+        was = (old.get("recipe_defs") or {}).get(name)
+        if was and (_full_train(was["train"]) != _full_train(d["train"]) or was["memory"] != d["memory"]):
+            diff.append(f"recipe {name}")
+    if diff:
+        raise ValueError(f"--output: {out} holds runs made with other settings ({', '.join(diff)}); use the same "
+                         f"settings to resume it, or a new --output")
 
 
 def _run_file(out: Path, run: Dict[str, Any]) -> Path:
@@ -134,6 +173,7 @@ def study(cfg: Dict[str, Any], output: str, log=print) -> Dict[str, Any]:
     # The definitions travel with the runs: the results say what each name meant.
     cfg = {**cfg, "recipe_defs": {name: RECIPES[name] for name in cfg["recipes"]}}
     out = Path(output).expanduser()
+    _check_resume(cfg, out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "study_config.json").write_text(json.dumps(cfg, indent=2))
     todo = [r for r in _runs(cfg) if not _run_file(out, r).exists()]

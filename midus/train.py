@@ -107,8 +107,12 @@ class TrainConfig:
         for name in ("max_steps", "micro_batch_size", "grad_accum"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.lr <= 0:
-            raise ValueError(f"need warmup_steps >= 0 and lr > 0, got {self.warmup_steps}, {self.lr}")
+        if self.warmup_steps < 0 or not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"need warmup_steps >= 0 and lr a positive finite number, got {self.warmup_steps}, "
+                             f"{self.lr!r}")
+        for name in ("save_every", "keep_checkpoints"):
+            if int(getattr(self, name)) < (0 if name == "save_every" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'save_every' else 1}, got {getattr(self, name)}")
         if self.memory_lr is not None and not (self.memory_lr > 0 and math.isfinite(self.memory_lr)):
             raise ValueError(f"memory_lr must be a positive number or None, got {self.memory_lr!r}")
         if not (self.memory_lr_scale > 0 and math.isfinite(self.memory_lr_scale)):
@@ -118,6 +122,9 @@ class TrainConfig:
                              f"got {self.memory_lr_schedule!r}")
         if int(self.memory_lr_decay_steps) < 0:
             raise ValueError(f"memory_lr_decay_steps must be >= 0 (0: max_steps), got {self.memory_lr_decay_steps}")
+        if self.memory_lr_decay_steps and self.memory_lr_schedule != "decay":
+            raise ValueError(f"memory_lr_decay_steps ({self.memory_lr_decay_steps}) is for memory_lr_schedule "
+                             f"'decay', not {self.memory_lr_schedule!r}")
         for name in ("max_grad_norm", "memory_max_grad_norm"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)!r}")
@@ -367,6 +374,35 @@ def _save_checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, t
     return str(final)
 
 
+# Settings a resumed run must share with its checkpoint: they define the optimizer state and the LR
+# of every step (the data order too: seed). max_steps may grow; batch sizes and process counts may
+# change (FSDP re-shards). A checkpoint written before the memory recipe existed trained the memory
+# at the peak LR, constant: MEMORY_RECIPES["paper"].
+RESUME_SETTINGS = ("lr", "warmup_steps", "weight_decay", "betas", "eps", "trainable", "seed", "memory_lr",
+                   "memory_lr_scale", "memory_lr_schedule", "memory_lr_decay_steps", "memory_max_grad_norm")
+
+
+def check_resume_settings(cfg: TrainConfig, saved: Optional[dict]) -> None:
+    """Raise ValueError naming every setting of :data:`RESUME_SETTINGS` in which ``cfg`` differs
+    from ``saved`` (the ``config`` a checkpoint's trainer_state.json records; None: not checked)."""
+    if not saved:
+        return
+    saved = {**MEMORY_RECIPES["paper"], **saved}
+    diff = []
+    for name in RESUME_SETTINGS:
+        if name not in saved:
+            continue
+        old, new = saved[name], getattr(cfg, name)
+        if isinstance(new, tuple):
+            old = tuple(old)
+        if old != new:
+            diff.append(f"{name} {old!r} -> {new!r}")
+    if diff:
+        raise ValueError(f"resume_from: the checkpoint was trained with other settings ({'; '.join(diff)}); resume "
+                         f"with the same ones (only max_steps, batch sizes and the number of processes may change) "
+                         f"or start a new run")
+
+
 def _refuse_sharded_checkpoint(path) -> None:
     p = Path(path)
     if (p / "dcp").is_dir() and not (p / "model.safetensors").is_file():
@@ -490,11 +526,23 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None,
             path = latest_checkpoint(cfg.checkpoint_dir)
             if path is None:
                 raise FileNotFoundError(f"resume_from='latest': no checkpoint in {cfg.checkpoint_dir}")
+        if not cfg.fsdp:
+            _refuse_sharded_checkpoint(path)
+        saved = Path(path) / "trainer_state.json"
+        # Before the model is touched; a checkpoint of the other kind is refused for that first.
+        if saved.is_file() and (not cfg.fsdp or (Path(path) / "dcp").is_dir()):
+            check_resume_settings(cfg, json.loads(saved.read_text()).get("config"))
+        # The schedule follows this call's max_steps (a run may be extended): keep the freshly built
+        # multipliers over those in the checkpoint, then set each group's LR for the step resumed at.
+        fresh = [dict(getattr(fn, "__dict__", {})) for fn in scheduler.lr_lambdas]
         if cfg.fsdp:
             state = fsdp_lib.load_checkpoint(path, model, optimizer, scheduler)
         else:
-            _refuse_sharded_checkpoint(path)
             state = _load_checkpoint(path, model, optimizer, scheduler)
+        for fn, d, g, base in zip(scheduler.lr_lambdas, fresh, optimizer.param_groups, scheduler.base_lrs):
+            if d:
+                fn.__dict__.update(d)
+            g["lr"] = base * fn(scheduler.last_epoch)
         start_step, tokens_before = state["step"], state.get("tokens", 0)
 
     log_path = cfg.log_file or (os.path.join(cfg.checkpoint_dir, "log.jsonl") if cfg.checkpoint_dir else None)
@@ -624,6 +672,9 @@ def add_recipe_arguments(parser) -> None:
 def recipe_from_args(args) -> Dict[str, object]:
     """The memory-recipe fields given on the command line: a named ``--memory-recipe``'s, then the
     single flags (those left at None are omitted)."""
+    if getattr(args, "memory_lr", None) is not None and getattr(args, "memory_lr_scale", None) is not None:
+        raise ValueError("--memory-lr and --memory-lr-scale: give one (an absolute start LR, or a multiple of the "
+                         "peak LR), not both")
     named = getattr(args, "memory_recipe", None)
     out = dict(MEMORY_RECIPES[named]) if named else {}
     out.update({f: getattr(args, f) for f in RECIPE_FIELDS if getattr(args, f, None) is not None})

@@ -166,6 +166,42 @@ def test_exact_resume_with_a_decaying_memory_lr(tmp_path, one_thread):
         assert torch.equal(p, q), n
 
 
+def test_resume_refuses_other_settings_and_follows_a_longer_run(tmp_path, one_thread):
+    """A checkpoint resumes only with the settings that made its optimizer state and LRs; a longer
+    max_steps is allowed and the LRs then follow the new total, as a straight run to it would."""
+    kw = dict(micro_batch_size=4, lr=5e-3, warmup_steps=1, progress=False)
+    data = sequences(n=20)
+    train(tiny_midus(), data, max_steps=2, checkpoint_dir=str(tmp_path / "a"), **kw)
+    ck = str(tmp_path / "a" / "checkpoint-2")
+    for change, match in [(dict(memory_lr_scale=1.0, memory_lr_schedule="constant"), "memory_lr_scale 10.0 -> 1.0"),
+                          (dict(lr=1e-3), "lr 0.005 -> 0.001"), (dict(seed=3), "seed")]:
+        model = tiny_midus(seed=5)
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=match):
+            train(model, data, max_steps=4, resume_from=ck, **{**kw, **change})
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before loading
+    straight = train(tiny_midus(), data, max_steps=4, **kw)
+    longer = train(tiny_midus(seed=5), data, max_steps=4, resume_from=ck, **kw)
+    for got, want in zip(longer.lrs, straight.lrs[2:]):
+        assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_recipe_flag_conflicts_are_refused():
+    from midus.train import recipe_from_args
+
+    with pytest.raises(ValueError, match="--memory-lr and --memory-lr-scale"):
+        recipe_from_args(argparse.Namespace(memory_recipe=None, memory_lr=1e-3, memory_lr_scale=10.0))
+    with pytest.raises(ValueError, match="memory_lr_decay_steps"):
+        TrainConfig(memory_lr_schedule="constant", memory_lr_decay_steps=5)
+    for bad in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match="lr"):
+            TrainConfig(lr=bad)
+    with pytest.raises(ValueError, match="save_every"):
+        TrainConfig(save_every=-1)
+    assert "does not beat" in A.retrieval_gain_words(-0.011) and "beats random slots by 0.100" in \
+        A.retrieval_gain_words(0.1)
+
+
 # ----------------------------------------------------------------------------- learned temperature
 
 
@@ -334,11 +370,43 @@ def test_study_runs_resumes_and_chooses_on_dev(tmp_path, tiny_model_dir, tiny_te
     (out / "runs" / ".tiny-b__s0.spec.json").write_text("{}")  # left by an interrupted worker
     rep = S.report(str(out))
     assert rep["missing"] == ["tiny-b seed 0"] and "Not run" in (out / "study.md").read_text()
+    # Resuming under another budget, or with a recipe defined otherwise, is refused by name: the old
+    # runs would be reported as if made under the new settings.
+    with pytest.raises(ValueError, match="steps"):
+        S.run(_study_args(tmp_path, tiny_model_dir, tiny_text_file, "--recipes", "tiny-a,tiny-b", "--baselines",
+                          "none", "--steps", "3"))
+    monkeypatch.setitem(S.RECIPES, "tiny-a", dict(S.RECIPES["tiny-a"], train={"memory_lr_scale": 2.0}))
+    with pytest.raises(ValueError, match="recipe tiny-a"):
+        S.run(args)
+    assert not (out / "runs" / "tiny-b__s0.json").exists()  # refused before any work
+
+
+def test_study_recipes_run_what_their_names_say():
+    """Every recipe spells out the whole memory recipe, so TrainConfig's default (now the study's
+    choice) cannot leak into 'paper' or the constant-LR recipes."""
+    from midus.train import MEMORY_RECIPES, RECIPE_FIELDS
+
+    assert S.RECIPES["paper"]["train"] == MEMORY_RECIPES["paper"]
+    for name, r in S.RECIPES.items():
+        assert set(r["train"]) == set(RECIPE_FIELDS), name
+        cfg = TrainConfig(**S._experiment({**S._defaults(), "recipe_defs": S.RECIPES}, {"name": name, "kind": "recipe",
+                                                                                         "seed": 0}).train)
+        assert cfg.memory_lr_scale == (1.0 if name == "paper" else 10.0), name
+        assert cfg.memory_lr_schedule == ("decay" if "decay" in name else "constant"), name
+    # A recipe recorded before it spelled out its fields meant the defaults of the time (the paper's).
+    old = S._experiment({**S._defaults(), "recipe_defs": {"lr10": {"train": {"memory_lr_scale": 10.0},
+                                                                   "memory": {}}}},
+                        {"name": "lr10", "kind": "recipe", "seed": 0}).train
+    assert TrainConfig(**old).memory_lr_schedule == "constant"
 
 
 def test_study_refuses_bad_settings():
     with pytest.raises(ValueError, match="recipes"):
         S._check({**S._defaults(), "recipes": ["nope"]})
+    with pytest.raises(ValueError, match="each at most once"):
+        S._check({**S._defaults(), "recipes": ["paper", "paper"]})
+    with pytest.raises(ValueError, match="lr"):
+        S._check({**S._defaults(), "lr": float("inf")})
     with pytest.raises(ValueError, match="points"):
         S._check({**S._defaults(), "points": 500})
 
