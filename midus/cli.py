@@ -7,7 +7,7 @@
     midus run                       # all three with defaults, prints a table (2-core CPU: <= 10 min)
     midus analyze --model smol-midus-cpt   # head importance, fixed retrieval, memory usage (spec 3.5)
     midus bench ops blocks          # the benchmark suite (or a part), baselines side by side
-    midus compare                   # every up-scaling method, same CPT budget: table + plot (~21 min CPU)
+    midus compare                   # every up-scaling method, same CPT budget, LR chosen on dev (hours on CPU)
     torchrun --nproc_per_node 2 -m midus train ...   # DDP (gloo on CPU, NCCL on GPU)
     torchrun --nproc_per_node 8 -m midus train --fsdp ...   # FSDP2: parameters, gradients, AdamW state sharded
 
@@ -575,8 +575,10 @@ _MODULE_COMMANDS = [
     ("compare", "midus.compare", "compare up-scaling methods under the same CPT budget (paper section 4, small scale)",
      "Up-scale the model with each method (same K), give each the same continued pre-training, and "
      "tabulate parameters added, training s/step, peak memory, validation perplexity and zero-shot "
-     "accuracy; writes compare.json, compare.md and compare.png. The default (--preset cpu) took "
-     "21 minutes on 2 CPU cores."),
+     "accuracy; the peak LR of each method is chosen on dev and test is reported; writes compare.json, "
+     "compare.md and compare.png. The default (--preset cpu: 60 steps at 2 LRs for each of 9 trained methods) "
+     "takes hours on 2 CPU cores (MIDUS alone about an hour on a busy machine); --resume continues an interrupted "
+     "one."),
 ]
 
 
