@@ -103,3 +103,23 @@ def tiny_text_file(tmp_path_factory):
     path.write_text(TINY_TEXT, encoding="utf-8")
     return str(path)
 # ---- END data/train/eval/cli fixtures ----
+
+
+def logits_without_midus(folder, input_ids, tmp_path):
+    """Logits of the model saved in ``folder`` computed in a fresh process that loads it with
+    ``trust_remote_code=True`` and never imports midus (asserted there)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    torch.save(input_ids, tmp_path / "x.pt")
+    code = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+            "assert 'midus' not in sys.modules, 'midus was imported'\n"
+            "with torch.no_grad():\n    torch.save(m(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
+                          env=dict(_os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / "y.pt")
