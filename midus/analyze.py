@@ -777,7 +777,7 @@ def run_analyses(model, input_ids: torch.Tensor, out_dir, analyses: Sequence[str
 
 def add_arguments(parser) -> None:
     """The options of ``midus analyze`` (an ``argparse`` (sub)parser)."""
-    from .cli import _add_data_args
+    from .runtime import add_data_arguments
 
     parser.add_argument("--model", required=True,
                         help="a MIDUS model folder (from `midus upscale`/`midus train`, or `midus run --output`)")
@@ -794,14 +794,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-slot retrieval (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_data_args(parser, "documents to evaluate on (default: val for wiki, all otherwise)")
+    add_data_arguments(parser, "documents to evaluate on (default: val for wiki, all otherwise)")
 
 
 def run(args) -> int:
     """``midus analyze``: load ``--model``, take ``--tokens`` tokens of ``--data``, run the analyses,
     write them to ``--output`` and print a summary. Errors (bad path, no memory blocks, bad
     values) raise CLIError / ValueError naming the argument, for ``midus.cli.main`` to print."""
-    from .cli import CLIError, _device, _eval_split, load_model
+    from .runtime import UsageError as CLIError
+    from .runtime import eval_split, load_model, pick_device
     from .data import load_corpus
 
     analyses = [a.strip() for a in args.analyses.split(",") if a.strip()]
@@ -820,10 +821,10 @@ def run(args) -> int:
             if not parent.is_dir():
                 raise CLIError(f"--output: {parent} exists and is not a folder")
             break
-    device = _device()
+    device = pick_device("auto")
     model, tokenizer, path = load_model(args.model, device)
     memory_blocks(model)  # refuse a model without memory blocks before reading data
-    ids = load_corpus(args.data, tokenizer, split=_eval_split(args.data, args.split), val_fraction=args.val_fraction,
+    ids = load_corpus(args.data, tokenizer, split=eval_split(args.data, args.split), val_fraction=args.val_fraction,
                       max_tokens=args.tokens)
     if ids.numel() < args.window:
         raise CLIError(f"--data: only {ids.numel()} tokens, fewer than one --window of {args.window}")

@@ -34,8 +34,7 @@ from typing import List, Optional
 __all__ = ["main", "build_parser", "load_model", "atomic_output_dir"]
 
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 1."""
+from .runtime import UsageError as CLIError  # noqa: E402  (a user error: printed as one line, exit status 1)
 
 
 def _log(msg: str) -> None:
@@ -133,8 +132,7 @@ def _upscale(base, args, tokenizer=None):
                          **_upscale_options(args))
 
 
-def _eval_split(data: str, split: Optional[str]) -> str:
-    return split or ("val" if data == "wiki" else "all")
+from .runtime import eval_split as _eval_split  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- commands
@@ -188,7 +186,7 @@ def cmd_train(args) -> int:
     if rank == 0:
         _resolve_model_path(args.model)
         if args.data == "wiki":
-            from .defaults import wikipedia_articles
+            from .data import wikipedia_articles
 
             wikipedia_articles()
     _barrier()
@@ -427,14 +425,7 @@ def _add_upscale_args(p, required_output: bool) -> None:
                         "not the identity at insertion; the official Avg-DeUS script does this)")
 
 
-def _add_data_args(p, split_help: Optional[str]) -> None:
-    p.add_argument("--data", default="wiki",
-                   help="'wiki' (the built-in Wikipedia text), a .txt file, a .jsonl file with a 'text' field, "
-                        "or a datasets folder (default: wiki)")
-    if split_help:
-        p.add_argument("--split", choices=["all", "train", "val", "dev", "test"], help=split_help)
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="fraction of documents held out as validation (default: 0.1)")
+from .runtime import add_data_arguments as _add_data_args  # noqa: E402
 
 
 def _add_train_args(p, steps: int, seq_len: int, batch: int, lr: float, warmup: int) -> None:

