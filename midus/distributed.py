@@ -199,7 +199,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, model, optimizer, scheduler,
     checkpoints. Returns the folder."""
     import torch.distributed.checkpoint as dcp
 
-    from .train import _rng_state
+    from .runtime import rng_state
 
     rank, world = dist.get_rank(), dist.get_world_size()
     final = Path(checkpoint_dir).absolute() / f"checkpoint-{step}"
@@ -210,7 +210,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, model, optimizer, scheduler,
     dist.barrier()
     dcp.save(_state(model, optimizer), checkpoint_id=str(tmp / "dcp"))
     rng = [None] * world
-    dist.all_gather_object(rng, _rng_state())
+    dist.all_gather_object(rng, rng_state())
     if rank == 0:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng_state.pt")
@@ -235,7 +235,7 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from .train import _set_rng_state
+    from .runtime import set_rng_state
 
     p = Path(path)
     if checkpoint_format(p) != DCP_FORMAT:
@@ -252,7 +252,7 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
         print(f"[midus] note: checkpoint {p} was written by {len(rng)} processes, resuming on {world}: the weights "
               f"and optimizer state are re-sharded exactly; each step still trains on the same global batch "
               f"(same sequences), summed in another order, and the per-rank RNG streams (dropout) differ")
-    _set_rng_state(rng[rank % len(rng)])
+    set_rng_state(rng[rank % len(rng)])
     return state
 
 

@@ -20,8 +20,9 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 MiB = 2.0 ** 20
 
-__all__ = ["UsageError", "add_data_arguments", "eval_split", "resolve_model_path", "load_model", "pick_device", "count_parameters", "parse_placement",
-           "check_output", "atomic_output_dir", "MODEL_FILE_PATTERNS", "peak_memory"]
+__all__ = ["UsageError", "rng_state", "set_rng_state", "add_data_arguments", "eval_split", "resolve_model_path",
+           "load_model", "pick_device", "count_parameters", "parse_placement", "check_output", "atomic_output_dir",
+           "MODEL_FILE_PATTERNS", "peak_memory"]
 
 
 class UsageError(Exception):
@@ -43,6 +44,30 @@ def add_data_arguments(p, split_help: Optional[str]) -> None:
 def eval_split(data: str, split: Optional[str]) -> str:
     """The split evaluated when none is given: the validation documents of 'wiki', all of a file."""
     return split or ("val" if data == "wiki" else "all")
+
+
+def rng_state() -> dict:
+    """This process's Python, torch and (where present) CUDA RNG states, for a checkpoint."""
+    import random
+
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    import random
+
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def resolve_model_path(model: str) -> str:

@@ -47,6 +47,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DistributedSampler
 
+from .runtime import rng_state, set_rng_state
+
 __all__ = ["TrainConfig", "TrainResult", "train", "resolve_trainable", "build_param_groups", "build_optimizer",
            "build_scheduler", "init_distributed", "dist_info", "latest_checkpoint", "MEMORY_LR_SCHEDULES",
            "RECIPE_FIELDS", "MEMORY_RECIPES", "add_recipe_arguments", "recipe_from_args", "recipe_of"]
@@ -328,29 +330,15 @@ def latest_checkpoint(checkpoint_dir) -> Optional[str]:
     return str(max(found)[1]) if found else None
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def _save_checkpoint(cfg: TrainConfig, step: int, model, optimizer, scheduler, trainer_state: dict) -> str:
     from safetensors.torch import save_model
 
     rank, world, _ = dist_info()
     rng = [None] * world
     if world > 1:
-        dist.all_gather_object(rng, _rng_state())
+        dist.all_gather_object(rng, rng_state())
     else:
-        rng = [_rng_state()]
+        rng = [rng_state()]
     final = Path(cfg.checkpoint_dir) / f"checkpoint-{step}"
     if rank == 0:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -432,7 +420,7 @@ def _load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     if len(rng) != world:
         print(f"[midus] warning: checkpoint {p} was written by {len(rng)} processes, resuming on {world}: "
               f"the data order after resume differs from an uninterrupted run")
-    _set_rng_state(rng[rank % len(rng)])
+    set_rng_state(rng[rank % len(rng)])
     return state
 
 
