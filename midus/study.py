@@ -419,6 +419,13 @@ def run(args) -> int:
             [b.strip() for b in args.baselines.split(",") if b.strip()]
         cfg["val_fraction"] = 0.1
         _check(cfg)
+        from .runtime import parse_placement, pick_device, resolve_model_path
+
+        # Once, before any worker starts: a bad flag is one error, not one per run, and the default
+        # model is fetched by one process rather than raced for by --jobs workers.
+        parse_placement(cfg["placement"])
+        pick_device(cfg["device"])
+        resolve_model_path(cfg["model"])
         rep = study(cfg, args.output, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(markdown(rep))
     return 0

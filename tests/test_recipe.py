@@ -407,6 +407,14 @@ def test_study_refuses_bad_settings():
         S._check({**S._defaults(), "recipes": ["paper", "paper"]})
     with pytest.raises(ValueError, match="lr"):
         S._check({**S._defaults(), "lr": float("inf")})
+
+
+def test_study_refuses_a_bad_model_or_placement_before_any_run(tmp_path, tiny_model_dir, tiny_text_file):
+    with pytest.raises(FileNotFoundError, match="--model"):
+        S.run(_study_args(tmp_path, str(tmp_path / "nowhere"), tiny_text_file, "--recipes", "paper"))
+    with pytest.raises(ValueError, match="--placement"):
+        S.run(_study_args(tmp_path, tiny_model_dir, tiny_text_file, "--recipes", "paper", "--placement", "2,x"))
+    assert not (tmp_path / "study").exists()
     with pytest.raises(ValueError, match="points"):
         S._check({**S._defaults(), "points": 500})
 
