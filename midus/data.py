@@ -193,12 +193,17 @@ def load_documents(source: Union[str, os.PathLike]) -> List[Document]:
         if not path.exists():
             raise FileNotFoundError(f"data source not found: {path} (give 'wiki', a .txt/.jsonl file "
                                     f"or a datasets folder)")
-        if path.is_dir():
-            docs = _read_datasets_folder(path)
-        elif path.suffix.lower() in (".jsonl", ".ndjson"):
-            docs = _read_jsonl(path)
-        else:
-            docs = _read_text_file(path)
+        try:
+            if path.is_dir():
+                docs = _read_datasets_folder(path)
+            elif path.suffix.lower() in (".jsonl", ".ndjson"):
+                docs = _read_jsonl(path)
+            else:
+                docs = _read_text_file(path)
+        except UnicodeDecodeError as err:
+            # A compressed or binary file (e.g. the .bz2 Wikipedia dump) read as text.
+            raise ValueError(f"--data: {path} is not UTF-8 text (byte {err.start}: {err.reason}); give a plain "
+                             f".txt or .jsonl file (decompress it first), a datasets folder, or 'wiki'") from None
     docs = [(n, t) for n, t in docs if t.strip()]
     if not docs:
         raise ValueError(f"data source {source} holds no text")

@@ -35,6 +35,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -614,9 +615,10 @@ def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None,
                 else:
                     result.last_checkpoint = _save_checkpoint(cfg, step + 1, model, optimizer, scheduler, state)
             if out_of_time and not last:
-                if rank == 0:
-                    print(f"[midus] stopping after step {step + 1} of {cfg.max_steps}: "
-                          f"the time limit (max_seconds={cfg.max_seconds:.0f}) was reached")
+                if rank == 0:  # written above the progress bar, so the bar that stops short says why
+                    tqdm.write(f"[midus] stopping after step {step + 1} of {cfg.max_steps}: the time limit "
+                               f"(max_seconds={cfg.max_seconds:.0f}, from --time-budget in midus run) was reached",
+                               file=sys.stderr)
                 break
     finally:
         bar.close()

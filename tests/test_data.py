@@ -118,6 +118,12 @@ def test_bad_sources_give_clear_errors(tmp_path, tiny_tokenizer):
     empty.write_text("\n\n  \n")
     with pytest.raises(ValueError, match="holds no text"):
         data.load_documents(empty)
+    import bz2
+
+    for name in ("dump.xml.bz2", "dump.jsonl"):  # compressed text given as text: named, not a traceback
+        (tmp_path / name).write_bytes(bz2.compress(b"<mediawiki>some text</mediawiki>" * 50))
+        with pytest.raises(ValueError, match=f"--data: .*{name} is not UTF-8 text.*decompress"):
+            data.load_documents(tmp_path / name)
     short = tmp_path / "short.txt"
     short.write_text("just a few words")
     with pytest.raises(ValueError, match="shorter than one sequence"):

@@ -136,7 +136,7 @@ def test_grad_accumulation_matches_one_big_batch():
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_exact_resume(tmp_path):
+def test_exact_resume(tmp_path, capsys):
     """6 steps straight == 3 steps + resume + 3 steps (dropout on, so RNG states matter too)."""
     data = sequences(n=20)
     kw = dict(max_steps=6, micro_batch_size=4, lr=5e-3, warmup_steps=2, progress=False, trainable="all")
@@ -149,6 +149,7 @@ def test_exact_resume(tmp_path):
     # An interrupted run (max_seconds: stops and checkpoints after its first step) ...
     train(tiny_midus(dropout=0.2), data, checkpoint_dir=str(tmp_path / "b"), max_seconds=1e-9, **kw)
     assert latest_checkpoint(tmp_path / "b").endswith("checkpoint-1")
+    assert "stopping after step 1 of 6: the time limit" in capsys.readouterr().err
     # ... and a FRESH model (other seed) resuming from step 3 of the straight run.
     resumed = tiny_midus(seed=7, dropout=0.2)
     r2 = train(resumed, data, checkpoint_dir=str(tmp_path / "b"), resume_from=str(tmp_path / "a" / "checkpoint-3"),
