@@ -48,12 +48,32 @@ def _schema_problems() -> Optional[str]:
     return "; ".join(problems) or None
 
 
+def _shadowed_build() -> Optional[str]:
+    """Another ``midus_ops`` folder on ``sys.path`` that holds a built ``_C``, hidden by this one:
+    what a user meets running Python from the repository root, whose source folder (without the
+    extension, which ``pip install .`` put into site-packages) is found first."""
+    import glob
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for entry in sys.path:
+        other = os.path.abspath(os.path.join(entry or os.getcwd(), "midus_ops"))
+        if other != here and (glob.glob(os.path.join(other, "_C*.so")) or glob.glob(os.path.join(other, "_C*.pyd"))):
+            return other
+    return None
+
+
 def _load_extension() -> Optional[str]:
     if os.environ.get("MIDUS_OPS_DISABLE_EXTENSION", "") not in ("", "0"):
         return "disabled by MIDUS_OPS_DISABLE_EXTENSION"
     import importlib.util
     try:
         if importlib.util.find_spec(f"{__package__}._C") is None:
+            other = _shadowed_build()
+            if other:
+                return (f"this is the source folder {os.path.dirname(os.path.abspath(__file__))}, which hides the "
+                        f"installed midus_ops with its extension at {other}: run Python from another directory "
+                        f"(not the repository root)")
             return f"not built: no {__package__}/_C*.so beside {os.path.dirname(__file__)}/__init__.py"
         from . import _C  # (loading it registers torch.ops.midus_ops.*)
     except Exception as e:  # e.g. built against another torch: undefined symbols
@@ -72,8 +92,9 @@ EXTENSION_AVAILABLE: bool = EXTENSION_ERROR is None
 if not EXTENSION_AVAILABLE:
     warnings.warn(
         f"midus_ops: the compiled extension midus_ops._C is not available ({EXTENSION_ERROR}); "
-        f"pk_topk and hive_gather fall back to the slow pure-PyTorch reference. Rebuild with "
-        f"`pip install --no-build-isolation .` against the torch you run ({torch.__version__}).",
+        f"pk_topk and hive_gather fall back to the slow pure-PyTorch reference."
+        + ("" if "hides the installed" in EXTENSION_ERROR else
+           f" Rebuild with `pip install --no-build-isolation .` against the torch you run ({torch.__version__})."),
         MidusExtensionWarning,
         stacklevel=2,
     )

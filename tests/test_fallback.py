@@ -71,10 +71,15 @@ CHILD = textwrap.dedent(r'''
 
     if MODE in ("loader", "finder", "noops", "stale"):
         sys.meta_path.insert(0, _Blocker())
-    if MODE == "missing":
+    if MODE in ("missing", "shadowed"):
         # An editable install of midus elsewhere (setuptools' finder) would supply ITS midus_ops._C
         # to this copy, which has none: this case is about a copy without any.
         sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
+    # Built midus_ops folders on the path other than the copy under test: a non-editable install
+    # in site-packages makes "missing" the "shadowed" case, which says so instead of "not built".
+    import glob, os
+    BUILT_ELSEWHERE = [p for p in sys.path if glob.glob(os.path.join(p or ".", "midus_ops", "_C*"))
+                       and not os.path.abspath(p or ".").startswith(os.path.abspath("pkg"))]
 
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")   # a second warning would be recorded, not deduplicated
@@ -181,6 +186,7 @@ CHILD = textwrap.dedent(r'''
         det_differing=det_differing,
         bf16_bank_grad_rel_err=bf16_rel_err,
         file=midus_ops.__file__,
+        built_elsewhere=BUILT_ELSEWHERE,
         available=midus_ops.EXTENSION_AVAILABLE,
         error=midus_ops.EXTENSION_ERROR,
         has_kernel=midus_ops.has_kernel("pk_topk", torch.device("cpu")),
@@ -206,11 +212,16 @@ def _run_child(mode: str, tmp_path) -> dict:
     env.pop("MIDUS_OPS_DISABLE_EXTENSION", None)
     if mode == "env":
         env["MIDUS_OPS_DISABLE_EXTENSION"] = "1"
-    if mode == "missing":
+    if mode in ("missing", "shadowed"):
         import midus_ops
         src = os.path.dirname(midus_ops.__file__)
         shutil.copytree(src, tmp_path / "pkg" / "midus_ops", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
-        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "pkg")] + [p for p in [env.get("PYTHONPATH")] if p])
+        paths = [str(tmp_path / "pkg")]
+        if mode == "shadowed":  # an "installed" midus_ops with a built extension, later on the path
+            (tmp_path / "site" / "midus_ops").mkdir(parents=True)
+            (tmp_path / "site" / "midus_ops" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+            paths.append(str(tmp_path / "site"))
+        env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
     proc = subprocess.run([sys.executable, "-c", CHILD, mode, BLOCK_REASON], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (f"child ({mode}) failed, rc={proc.returncode}\n--- stdout\n{proc.stdout}"
@@ -218,14 +229,17 @@ def _run_child(mode: str, tmp_path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mode", ["loader", "finder", "env", "missing", "noops", "stale"])
+@pytest.mark.parametrize("mode", ["loader", "finder", "env", "missing", "shadowed", "noops", "stale"])
 def test_fallback_when_extension_unavailable(mode, tmp_path):
     report = run_child(mode, tmp_path)
     assert report["available"] is False
     assert report["has_kernel"] is False
     assert len(report["ext_warnings"]) == 1, f"expected exactly one MidusExtensionWarning: {report['ext_warnings']}"
     message = report["ext_warnings"][0]
-    reason = {"env": "MIDUS_OPS_DISABLE_EXTENSION", "missing": "not built",
+    reason = {"env": "MIDUS_OPS_DISABLE_EXTENSION",
+              "missing": "hides the installed midus_ops" if report.get("built_elsewhere") else "not built",
+              "shadowed": f"which hides the installed midus_ops with its extension at {tmp_path / 'site' / 'midus_ops'}: "
+                          f"run Python from another directory",
               "noops": "/fake/midus_ops/_C.so loaded but does not register the ops of this midus_ops (a stale or "
                        "foreign build): no midus_ops::pk_topk; no midus_ops::pk_topk_backward; no "
                        "midus_ops::hive_gather; no midus_ops::hive_gather_backward",
@@ -234,8 +248,10 @@ def test_fallback_when_extension_unavailable(mode, tmp_path):
                        "expected; no midus_ops::hive_gather_backward"}.get(mode, BLOCK_REASON)
     assert reason in message, f"the warning does not name the reason {reason!r}: {message!r}"
     assert reason in report["error"], report["error"]
-    if mode == "missing":
+    if mode in ("missing", "shadowed"):
         assert report["file"].startswith(str(tmp_path)), report["file"]
+        # Rebuilding does not help when an installed build is hidden: the warning does not say to.
+        assert ("Rebuild" in message) is (mode == "missing" and not report["built_elsewhere"])
 
 
 def test_extension_loads_in_a_clean_process(tmp_path):
