@@ -205,6 +205,9 @@ def _run(args, chosen, device, profile, reps, warmup, compile_, path) -> int:
     targets = report.check_targets(records, device, profile)
     if targets:
         print()
+        if not any(t["applies"] for t in targets):
+            print(f"Targets ({'--quick: tiny sizes' if args.quick else device}): none is set for this run's device and "
+                  f"sizes, so none is judged; they are shown for information.")
         print(report.targets_table(targets))
     md = write_markdown(path, device, profile)
     print(f"\nresults: {path}\ntables:  {md}")

@@ -161,7 +161,9 @@ def targets_table(targets: List[Dict[str, Any]]) -> str:
     for t in targets:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "NO")
         if not t["applies"]:
-            met += " (informative: not the device or sizes the target is set for)"
+            # Not the device or sizes the target is set for: a "NO" here read as a failure of the run.
+            side = "" if t["met"] is None else (" (within its limit)" if t["met"] else " (outside its limit)")
+            met = f"not judged: informative{side}, the target is set for another device or size"
         measured = f"{t['field']} = {t['value']:.3f}" if t["value"] is not None else f"none ({t['why']})"
         lines.append(f"| {t['target']} | {measured} | {met} |")
     return "\n".join(lines)
