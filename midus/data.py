@@ -117,15 +117,36 @@ def read_wiki_dump(path: Union[str, os.PathLike]) -> List[Document]:
     return articles
 
 
+# Compressed text is read as it is (the inner suffix, e.g. .jsonl.gz, says text or JSONL).
+_COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+
+
+def _open_text(path: Path):
+    kind = _COMPRESSED.get(path.suffix.lower())
+    if kind is None:
+        return open(path, encoding="utf-8")
+    import importlib
+
+    return importlib.import_module(kind).open(path, "rt", encoding="utf-8")
+
+
+def _inner_suffix(path: Path) -> str:
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSED:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
 def _read_text_file(path: Path) -> List[Document]:
-    text = path.read_text(encoding="utf-8")
+    with _open_text(path) as f:
+        text = f.read()
     blocks = [b.strip() for b in re.split(r"\n\s*\n", text)]
     return [(f"{path.name}#{i}", b) for i, b in enumerate(blocks) if b]
 
 
 def _read_jsonl(path: Path) -> List[Document]:
     docs = []
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -181,10 +202,12 @@ def wikipedia_articles() -> List[Tuple[str, str]]:
 
 
 def load_documents(source: Union[str, os.PathLike]) -> List[Document]:
-    """Documents ``[(name, text)]`` of a source: ``"wiki"``, a text file, a JSONL file or a
-    ``datasets`` folder (see the module docstring). Empty documents are dropped.
+    """Documents ``[(name, text)]`` of a source: ``"wiki"``, a text file, a JSONL file (each plain
+    or compressed as .gz, .bz2 or .xz) or a ``datasets`` folder (see the module docstring). Empty
+    documents are dropped.
 
-    Raises FileNotFoundError naming the path if it does not exist; ValueError if it holds no text.
+    Raises FileNotFoundError naming the path if it does not exist; ValueError if it holds no text
+    or is not UTF-8 text (a binary file, or a compressed one that its suffix misnames).
     """
     if str(source) == "wiki":
         docs = wikipedia_articles()
@@ -193,21 +216,26 @@ def load_documents(source: Union[str, os.PathLike]) -> List[Document]:
         if not path.exists():
             raise FileNotFoundError(f"data source not found: {path} (give 'wiki', a .txt/.jsonl file "
                                     f"or a datasets folder)")
-        try:
-            if path.is_dir():
-                docs = _read_datasets_folder(path)
-            elif path.suffix.lower() in (".jsonl", ".ndjson"):
-                docs = _read_jsonl(path)
-            else:
-                docs = _read_text_file(path)
-        except UnicodeDecodeError as err:
-            # A compressed or binary file (e.g. the .bz2 Wikipedia dump) read as text.
-            raise ValueError(f"--data: {path} is not UTF-8 text (byte {err.start}: {err.reason}); give a plain "
-                             f".txt or .jsonl file (decompress it first), a datasets folder, or 'wiki'") from None
+        if path.is_dir():
+            docs = _read_datasets_folder(path)
+        else:
+            docs = _read_file(path)
     docs = [(n, t) for n, t in docs if t.strip()]
     if not docs:
         raise ValueError(f"data source {source} holds no text")
     return docs
+
+
+def _read_file(path: Path) -> List[Document]:
+    try:
+        return _read_jsonl(path) if _inner_suffix(path) in (".jsonl", ".ndjson") else _read_text_file(path)
+    except (UnicodeDecodeError, OSError, EOFError) as err:
+        if isinstance(err, (FileNotFoundError, PermissionError)):
+            raise
+        # A binary file, or a compressed one that is not what its suffix says.
+        raise ValueError(f"--data: {path} cannot be read as UTF-8 text ({type(err).__name__}: {err}); give a "
+                         f"text or JSONL file ('text' field), plain or compressed as .gz, .bz2 or .xz, a "
+                         f"datasets folder, or 'wiki'") from None
 
 
 def split_documents(docs: Sequence[Document], val_fraction: float = 0.1) -> Tuple[List[Document], List[Document]]:

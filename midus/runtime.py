@@ -33,8 +33,8 @@ def add_data_arguments(p, split_help: Optional[str]) -> None:
     """The flags of a text source (``--data``, ``--split`` when ``split_help`` is given,
     ``--val-fraction``) on an ``argparse`` parser: shared by the commands that read text."""
     p.add_argument("--data", default="wiki",
-                   help="'wiki' (the built-in Wikipedia text), a .txt file, a .jsonl file with a 'text' field, "
-                        "or a datasets folder (default: wiki)")
+                   help="'wiki' (the built-in Wikipedia text), a .txt file, a .jsonl file with a 'text' field "
+                        "(either also as .gz, .bz2 or .xz), or a datasets folder (default: wiki)")
     if split_help:
         p.add_argument("--split", choices=["all", "train", "val", "dev", "test"], help=split_help)
     p.add_argument("--val-fraction", type=float, default=0.1,

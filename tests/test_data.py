@@ -107,6 +107,24 @@ def test_text_jsonl_and_datasets_inputs_agree(tmp_path, tiny_tokenizer):
     assert int((va == tiny_tokenizer.eos_token_id).sum()) == 2
 
 
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_compressed_text_and_jsonl_read_as_plain(tmp_path, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    pack = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    text = "First document, héllo.\n\nSecond one.\n"
+    jsonl = '{"text": "one"}\n{"text": "twö"}\n'
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    (tmp_path / ("a.txt" + suffix)).write_bytes(pack(text.encode()))
+    (tmp_path / "b.jsonl").write_text(jsonl, encoding="utf-8")
+    (tmp_path / ("b.jsonl" + suffix)).write_bytes(pack(jsonl.encode()))
+    for plain, packed in (("a.txt", "a.txt" + suffix), ("b.jsonl", "b.jsonl" + suffix)):
+        want = [t for _, t in data.load_documents(tmp_path / plain)]
+        assert [t for _, t in data.load_documents(tmp_path / packed)] == want and len(want) == 2
+
+
 def test_bad_sources_give_clear_errors(tmp_path, tiny_tokenizer):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         data.load_documents(tmp_path / "nope.txt")
@@ -120,9 +138,10 @@ def test_bad_sources_give_clear_errors(tmp_path, tiny_tokenizer):
         data.load_documents(empty)
     import bz2
 
-    for name in ("dump.xml.bz2", "dump.jsonl"):  # compressed text given as text: named, not a traceback
+    # Binary files, and compressed ones that are not what their suffix says: named, not a traceback.
+    for name in ("weights.bin", "dump.jsonl", "fake.txt.gz"):
         (tmp_path / name).write_bytes(bz2.compress(b"<mediawiki>some text</mediawiki>" * 50))
-        with pytest.raises(ValueError, match=f"--data: .*{name} is not UTF-8 text.*decompress"):
+        with pytest.raises(ValueError, match=f"--data: .*{name} cannot be read as UTF-8 text.*.gz, .bz2 or .xz"):
             data.load_documents(tmp_path / name)
     short = tmp_path / "short.txt"
     short.write_text("just a few words")
