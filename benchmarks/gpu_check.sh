@@ -113,7 +113,7 @@ if [[ ${STATUS_link:-} == passed ]]; then
   fi
   # Correctness first (above); the benchmark suite (midus bench) gets what the budget leaves, less
   # 15 s for the summary, at most 200 s: blocks, the models' training step (the two targets of
-  # issue 6), ops and decode at the spec's shapes, in that order, no torch.compile, CUDA events
+  # issue 6), ops and decode at the shapes of docs/design.md §4, in that order, no torch.compile, CUDA events
   # over 20 runs; cases that would start after its --time-budget are recorded as skipped. The
   # whole GPU suite (about 6 minutes) is benchmarks/gpu_suite.sh.
   BENCH_S=$(($(left_s) - 15))

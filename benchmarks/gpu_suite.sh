@@ -5,7 +5,7 @@
 #     bash benchmarks/gpu_suite.sh [PART ...] [midus bench options]
 #
 # Runs `python -m midus.bench --device cuda --time-budget 320 --plot` from this checkout with the
-# CUDA kernels on (MIDUS_OPS_CUDA_KERNELS=1): every subject at the spec's shapes, torch.compile
+# CUDA kernels on (MIDUS_OPS_CUDA_KERNELS=1): every subject at the shapes of docs/design.md §4, torch.compile
 # baselines included; cases that would start after 320 s are recorded as skipped, and the whole
 # command is killed at GPU_SUITE_TIMEOUT_S (380) with what was measured already saved. Results
 # (bench_<gpu>_<date>.json), tables (.md) and plots (.png) go to $OUT, else benchmarks/results/.

@@ -1,4 +1,4 @@
-// Operator schemas of midus_ops (spec/HML.md section 1). Kernels register per device in
+// Operator schemas of midus_ops (docs/design.md §1). Kernels register per device in
 // csrc/cpu and csrc/cuda; fake kernels and autograd are registered in midus_ops/ops.py.
 #include <Python.h>
 #include <torch/library.h>

@@ -1,7 +1,7 @@
 """midus: Memory-Infused Depth Up-Scaling of Hugging Face causal LMs (arXiv 2512.13751).
 
     import midus
-    big = midus.upscale(model, "midus", num_blocks=8)          # spec/HML.md 3.1-3.3
+    big = midus.upscale(model, "midus", num_blocks=8)          # docs/design.md §3.1-3.3
     big.save_pretrained(path)                                   # config.json + safetensors + modeling file
     AutoModelForCausalLM.from_pretrained(path)                  # after `import midus`, or with trust_remote_code
 

@@ -1,10 +1,10 @@
-"""Analyses of the memory blocks of a MIDUS model (spec/HML.md 3.5; MIDUS, arXiv 2512.13751).
+"""Analyses of the memory blocks of a MIDUS model (docs/design.md §3.5; MIDUS, arXiv 2512.13751).
 
 - :func:`head_importance`: per memory block and head, the loss increase when that head's
   memory read-out is zeroed (and when the whole block's read-out is zeroed).
 - :func:`fixed_retrieval`: the loss when retrieval is replaced by one fixed slot set for every
   token, or by random slots, against the learned retrieval and against no memory at all.
-- :func:`memory_usage`: the statistics of spec 2.1 (fraction of slots read, KL of slot use from
+- :func:`memory_usage`: the statistics of docs/design.md §2.1 (fraction of slots read, KL of slot use from
   uniform, top-k weight entropy) per block and head over the evaluation tokens.
 
 Each returns a JSON-serialisable dict; ``plot_*`` draws it with matplotlib; :func:`run_analyses`
@@ -22,7 +22,7 @@ slot indices and weights per (token, head); the analyses install it on the memor
 duration of a pass (:func:`override_memory`, instance attribute ``forward``). Without ``select``
 it gives the layer's output bit for bit (tested). It never updates the layers' usage statistics.
 Zeroing a head sets its k weights to 0, so its read-out is exactly zero; with ``out_proj="none"``
-and every head of a block zeroed the block is exactly the identity (spec 3.1).
+and every head of a block zeroed the block is exactly the identity (docs/design.md §3.1).
 
 Head importance re-runs only the part of the stack a block can change: a clean pass records each
 memory block's input per batch, and the pass that ablates block j replaces the layers before it
@@ -77,7 +77,7 @@ def memory_blocks(model) -> List[Tuple[int, Memory]]:
 
     A memory block is a decoder layer with a ``memory`` attribute that is a
     :class:`~midus_ops.HeadwiseMemoryLayer` or :class:`~midus_ops.ProductKeyMemory` (what
-    ``midus.upscale(..., "midus")`` inserts, spec 3.1); position = its index in the stack.
+    ``midus.upscale(..., "midus")`` inserts, docs/design.md §3.1); position = its index in the stack.
     Raises ValueError if the model has none (e.g. a base model, or dus/llama_pro/solar results).
     """
     layers = _decoder_layers(model)
@@ -140,7 +140,7 @@ def memory_forward(memory: Memory, x: torch.Tensor, select: Optional[Select] = N
             (q [N, H, d_k]; weights fp32, or fp64 for fp64 input): replaces the retrieval.
         record: called with the (possibly replaced) ``(indices, weights)`` of every call.
 
-    Same ops as the layer (spec 2.1 / 2.2): ``pk_topk``, ``softmax(scores / tau)`` in fp32,
+    Same ops as the layer (docs/design.md §2.1 / §2.2): ``pk_topk``, ``softmax(scores / tau)`` in fp32,
     ``hive_gather``; without ``select`` the output equals ``memory(x)`` bit for bit. The layer's
     usage statistics are not updated. Raises ValueError for an input of the wrong shape.
     """
@@ -201,7 +201,7 @@ def zero_heads(heads: Iterable[int]) -> Select:
 
 def slot_scores(memory: Memory, q: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Product-key scores of arbitrary slots: s[t, h, j] = <K1_h[a], q1> + <K2_h[b], q2> with
-    indices[t, h, j] = a * n + b (spec 1.1), in fp32 (fp64 for fp64 q).
+    indices[t, h, j] = a * n + b (docs/design.md §1.1), in fp32 (fp64 for fp64 q).
 
     q [N, H, d_k]; indices [N, H, m] or [H, m] (the same slots for every token), int64 in [0, n*n).
     Returns [N, H, m]. For the layer's own top-k indices these are its top-k scores.
@@ -335,7 +335,7 @@ def _block_record(evaluator: _Evaluator) -> List[dict]:
 
 
 def _common(evaluator: _Evaluator, analysis: str) -> dict:
-    return {"analysis": analysis, "spec": "spec/HML.md 3.5", "tokens": evaluator.tokens,
+    return {"analysis": analysis, "spec": "docs/design.md §3.5", "tokens": evaluator.tokens,
             "windows": sum(int(b.shape[0]) for b in evaluator.batches),
             "window": evaluator.window, "loss_unit": "nats per token (mean next-token cross-entropy)"}
 
@@ -345,7 +345,7 @@ def _common(evaluator: _Evaluator, analysis: str) -> dict:
 
 def head_importance(model, input_ids: torch.Tensor, window: int = DEFAULT_WINDOW, batch_size: int = 4,
                     device=None, progress: bool = False) -> dict:
-    """Loss increase when one head's memory read-out is zeroed, per memory block and head (spec 3.5).
+    """Loss increase when one head's memory read-out is zeroed, per memory block and head (docs/design.md §3.5).
 
     Args:
         model: a MIDUS causal LM (memory blocks of kind hml or pkm; for pkm the heads are the
@@ -494,7 +494,7 @@ def _selects(ev: _Evaluator, slots: str, weighting: str, fixed_slots, seed: int)
 def fixed_retrieval(model, input_ids: torch.Tensor, rules: Sequence[str] = _RULES,
                     weightings: Sequence[str] = _WEIGHTINGS, seed: int = 0, window: int = DEFAULT_WINDOW,
                     batch_size: int = 4, device=None) -> dict:
-    """The loss with retrieval replaced, in every memory block at once, against the learned one (spec 3.5).
+    """The loss with retrieval replaced, in every memory block at once, against the learned one (docs/design.md §3.5).
 
     Variants (each one forward pass over the evaluation windows):
 
@@ -546,7 +546,7 @@ def fixed_retrieval(model, input_ids: torch.Tensor, rules: Sequence[str] = _RULE
 
 def memory_usage(model, input_ids: torch.Tensor, window: int = DEFAULT_WINDOW, batch_size: int = 4,
                  device=None) -> dict:
-    """The usage statistics of spec 2.1 per block and head over the evaluation tokens.
+    """The usage statistics of docs/design.md §2.1 per block and head over the evaluation tokens.
 
     Runs the layers' own forward (eval mode, ``track_stats`` on) from reset statistics and reads
     each layer's ``memory_stats()``: ``slot_usage`` (fraction of the n*n slots read at least once),
@@ -581,7 +581,7 @@ def memory_usage(model, input_ids: torch.Tensor, window: int = DEFAULT_WINDOW, b
         rec["max_kl"] = math.log(m.n * m.n)
         rec["max_entropy"] = math.log(m.k)
     return {**_common(ev, "memory_usage"), "loss": loss, "blocks": blocks,
-            "statistics": "Lample et al. 2019 sec. 4.3 via the layers' memory_stats() (spec 2.1)",
+            "statistics": "Lample et al. 2019 sec. 4.3 via the layers' memory_stats() (docs/design.md §2.1)",
             "seconds": time.time() - t0}
 
 

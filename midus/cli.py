@@ -5,14 +5,14 @@
     midus eval    --model default --model smol-midus-cpt --data wiki
     midus eval    --model default --tasks arc_easy,piqa --limit 50   # + zero-shot accuracy (lm-eval)
     midus run                       # all three with defaults, prints a table (2-core CPU: <= 10 min)
-    midus analyze --model smol-midus-cpt   # head importance, fixed retrieval, memory usage (spec 3.5)
+    midus analyze --model smol-midus-cpt   # head importance, fixed retrieval, memory usage (docs/design.md §3.5)
     midus bench ops blocks          # the benchmark suite (or a part), baselines side by side
     midus compare                   # every up-scaling method, same CPT budget, LR chosen on dev (hours on CPU)
     torchrun --nproc_per_node 2 -m midus train ...   # DDP (gloo on CPU, NCCL on GPU)
     torchrun --nproc_per_node 8 -m midus train --fsdp ...   # FSDP2: parameters, gradients, AdamW state sharded
 
 ``--model default`` is SmolLM2-135M-Instruct, fetched and converted on first use
-(:mod:`midus.defaults`); ``--data wiki`` is the Wikipedia text of spec/HML.md section 5, split
+(:mod:`midus.defaults`); ``--data wiki`` is the Wikipedia text of docs/design.md §5, split
 by article into train (90%) and validation (10%). ``upscale`` and ``train`` write their output
 folder atomically: a temp folder beside it, moved into place only on success, so a failed
 command leaves an existing folder as it was. Errors print one line naming the argument or path
@@ -383,7 +383,7 @@ def _print_table(header: List[str], rows: List[List[str]]) -> None:
 
 
 def _add_upscale_args(p, required_output: bool) -> None:
-    g = p.add_argument_group("up-scaling (spec 3.2, 3.3)")
+    g = p.add_argument_group("up-scaling (docs/design.md §3.2, §3.3)")
     g.add_argument("--method", default="midus",
                    choices=["midus", "dus", "llama_pro", "solar", "lesa", "avg_deus", "opt_deus"],
                    help="up-scaling method (default: midus)")
@@ -398,7 +398,7 @@ def _add_upscale_args(p, required_output: bool) -> None:
     g.add_argument("--calibration-tokens", type=int, default=2048,
                    help="with --placement importance: tokens of the --data train split it is measured on "
                         "(default: 2048)")
-    m = p.add_argument_group("memory options (method midus; defaults: spec 2.1)")
+    m = p.add_argument_group("memory options (method midus; defaults: docs/design.md §2.1)")
     m.add_argument("--memory", choices=["hml", "pkm"], help="memory kind (default: hml)")
     m.add_argument("--out-proj", dest="out_proj", choices=["none", "copy"], help="HML output projection (default: none)")
     m.add_argument("--n", type=int, help="sub-keys per half, n*n slots (default: 32)")
@@ -429,7 +429,7 @@ from .runtime import add_data_arguments as _add_data_args  # noqa: E402
 
 
 def _add_train_args(p, steps: int, seq_len: int, batch: int, lr: float, warmup: int) -> None:
-    g = p.add_argument_group("training (spec 3.4)")
+    g = p.add_argument_group("training (docs/design.md §3.4)")
     g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default: {steps})")
     g.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per sequence (default: {seq_len})")
     g.add_argument("--batch-size", type=int, default=batch,
@@ -475,8 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("train", help="continued pre-training (CPT); works under torchrun",
-                       description="Continued pre-training with the optimizer groups of spec 3.4. Checkpoints and "
-                                   "a JSONL log go to --checkpoint-dir; the final model to --output (atomically). "
+                       description="Continued pre-training with the optimizer groups of docs/design.md §3.4. "
+                                   "Checkpoints and a JSONL log go to --checkpoint-dir; the final model to --output (atomically). "
                                    "Run under `torchrun --nproc_per_node N -m midus train ...` for DDP, add "
                                    "--fsdp to shard the model (FSDP2).")
     p.add_argument("--model", required=True, help="local model folder (e.g. from `midus upscale`), or 'default'")
@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens; 0 = all (default: 0)")
     _add_eval_args(p, window=512, batch=4)
     p.add_argument("--no-perplexity", action="store_true", help="skip perplexity (with --tasks)")
-    g = p.add_argument_group("zero-shot tasks (lm-eval; spec 3.4)")
+    g = p.add_argument_group("zero-shot tasks (lm-eval; docs/design.md §3.4)")
     g.add_argument("--tasks", help="comma-separated tasks, or 'all': arc_easy, arc_challenge, piqa, winogrande, "
                                    "boolq, csqa, mmlu (default: none)")
     g.add_argument("--limit", type=int, default=0,
@@ -550,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands whose flags and body live in their own module: (name, module, help, description).
 _MODULE_COMMANDS = [
-    ("analyze", "midus.analyze", "head importance, fixed retrieval and memory usage of the memory blocks (spec 3.5)",
+    ("analyze", "midus.analyze",
+     "head importance, fixed retrieval and memory usage of the memory blocks (docs/design.md §3.5)",
      "The paper's analyses of HML on an up-scaled model: loss increase when one head's memory read-out "
      "is zeroed (per block and head), loss with retrieval replaced by fixed or random slots, and slot "
      "usage statistics; each writes a JSON file and a figure to --output."),

@@ -8,10 +8,10 @@ SmolLM2-135M and the Wikipedia text of :mod:`midus.defaults`), fairly:
 - methods (``METHODS``): ``base`` (the model as it is, no training: the reference row),
   ``base_cpt`` (the base model under the same CPT), ``dus``, ``llama_pro``, ``solar``, ``lesa``,
   ``avg_deus`` and ``opt_deus`` (:mod:`midus.deus`, arXiv 2508.08011), ``midus`` (HML memory
-  blocks) and ``midus_pkm`` (PKM memory blocks), all with the same K and placement (spec 3.2,
-  3.3; ``placement="importance"`` is measured on the training text, per method's run);
+  blocks) and ``midus_pkm`` (PKM memory blocks), all with the same K and placement (docs/design.md §3.2,
+  §3.3; ``placement="importance"`` is measured on the training text, per method's run);
 - the same token budget and data order for every trained row: ``steps`` optimizer steps of
-  ``batch_size`` x ``seq_len`` tokens; what is trained follows each method's default (spec 3.4:
+  ``batch_size`` x ``seq_len`` tokens; what is trained follows each method's default (docs/design.md §3.4:
   only the new blocks for midus, llama_pro, avg_deus and opt_deus, everything otherwise), and the memory rows use the
   memory recipe (:class:`midus.train.TrainConfig` defaults, or ``recipe``);
 - a grid of peak LRs (``lrs``) for every trained method, the best chosen on the **dev** half of
@@ -452,8 +452,8 @@ def markdown_table(report: dict) -> str:
               f"the validation documents (bold), the **test** half reported ({c['eval_tokens']:,} tokens each, window "
               f"{c['window']}); " + (f"{seeds} seeds at the chosen LR (test ppl: mean ± half the range; zero-shot: "
                                      f"mean). " if seeds > 1 else "one seed. ") +
-              "What is trained is each method's default (spec 3.4: the new blocks for LLaMA Pro, Avg-/OpT-DeUS and MIDUS, everything "
-              "otherwise)" + (f"; the memory keys/values follow the recipe {_recipe_words(recipe)}" if recipe else "") +
+              "What is trained is each method's default (docs/design.md §3.4: the new blocks for LLaMA Pro, "
+              "Avg-/OpT-DeUS and MIDUS, everything otherwise)" + (f"; the memory keys/values follow the recipe {_recipe_words(recipe)}" if recipe else "") +
               ". " + (("Zero-shot: " + (f"first {c['limit']} examples per task" if c['limit'] else
                        "whole validation sets") + ", acc_norm where the task defines it, else acc (± standard error). ")
                       if tasks else "") +

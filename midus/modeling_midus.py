@@ -1,6 +1,6 @@
 """The MIDUS model: memory blocks inside a Llama/Mistral/Qwen2/Qwen3/Gemma 3/Phi-3 decoder stack.
 
-MIDUS: Memory-Infused Depth Up-Scaling (arXiv 2512.13751) sec. 3; spec/HML.md 3.1.
+MIDUS: Memory-Infused Depth Up-Scaling (arXiv 2512.13751) sec. 3; docs/design.md §3.1.
 
 This file is self-contained on purpose: ``save_pretrained`` copies it beside the weights so that
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works in a process that
@@ -68,7 +68,7 @@ _FAMILY_CLASS_NAMES: Dict[str, Dict[str, str]] = {"gemma3_text": {"Model": "Gemm
 # stream (Gemma 3's post_attention_layernorm; Llama's layer of that name is the pre-FFN norm).
 _POST_ATTENTION_NORM_FAMILIES = ("gemma3_text",)
 
-# Memory options of a MIDUS block and their defaults (spec 2.1 [project] defaults, 3.1).
+# Memory options of a MIDUS block and their defaults (docs/design.md §2.1 [project] defaults, §3.1).
 MEMORY_DEFAULTS: Dict[str, Any] = {
     "memory": "hml",      # "hml" (HeadwiseMemoryLayer over the heads' outputs) or "pkm" (ProductKeyMemory)
     "out_proj": "none",   # HML: "none" (paper) or "copy" (a clone of the source layer's o_proj)
@@ -136,7 +136,7 @@ class MidusConfig(_BaseConfig):
             family has them) gives each position's attention type.
         memory_positions: indices in that stack of the memory blocks (each follows its source layer).
         memory, out_proj, n, k, d_z, tau, query_norm, pkm_heads, pkm_d_k, learn_tau: the memory options, see
-            ``MEMORY_DEFAULTS`` (spec 2.1, 3.1).
+            ``MEMORY_DEFAULTS`` (docs/design.md §2.1, §3.1).
         midus_upscale: the record written by ``midus.upscale`` (method, K, placement, positions).
 
     ``get_text_config()`` returns ``text_config``; generation, caches and masks read it.
@@ -234,7 +234,7 @@ def _heads_attention_class(model_type: str) -> type:
 
 
 class MidusMemoryBlock(GradientCheckpointingLayer):
-    """One MIDUS memory block at position ``layer_idx`` of the stack (spec 3.1).
+    """One MIDUS memory block at position ``layer_idx`` of the stack (docs/design.md §3.1).
 
     memory="hml"::
 
@@ -382,7 +382,7 @@ def _apply_can_return_tuple(fn):
 
 
 class MidusForCausalLM(MidusPreTrainedModel, GenerationMixin):
-    """Causal LM with MIDUS memory blocks (spec 3.1, 3.3). Built from a :class:`MidusConfig`.
+    """Causal LM with MIDUS memory blocks (docs/design.md §3.1, §3.3). Built from a :class:`MidusConfig`.
 
     Usually obtained from ``midus.upscale(model, "midus", K)`` or ``from_pretrained``. Forward:
     ``input_ids`` [B, T] int64 (or ``inputs_embeds`` [B, T, d]) -> ``logits`` [B, T, vocab] in the

@@ -1,4 +1,4 @@
-"""Continued pre-training (CPT) of an up-scaled model (spec/HML.md 3.4).
+"""Continued pre-training (CPT) of an up-scaled model (docs/design.md §3.4).
 
 - Optimizer: AdamW with three parameter groups. ``memory_kv``: the key/value parameters of the
   memory layers (``subkeys``, ``bank``, ``proj`` of a HeadwiseMemoryLayer; ``subkeys``, ``values``
@@ -54,7 +54,7 @@ __all__ = ["TrainConfig", "TrainResult", "train", "resolve_trainable", "build_pa
            "build_scheduler", "init_distributed", "dist_info", "latest_checkpoint", "MEMORY_LR_SCHEDULES",
            "RECIPE_FIELDS", "MEMORY_RECIPES", "add_recipe_arguments", "recipe_from_args", "recipe_of"]
 
-# Methods whose default is to train only the inserted blocks (spec 3.4, [project] defaults).
+# Methods whose default is to train only the inserted blocks (docs/design.md §3.4, [project] defaults).
 _NEW_BY_DEFAULT = ("midus", "llama_pro", "avg_deus", "opt_deus")
 
 MEMORY_LR_SCHEDULES = ("constant", "decay", "cosine")
@@ -94,7 +94,7 @@ class TrainConfig:
     log_file: Optional[str] = None  # default: <checkpoint_dir>/log.jsonl
     progress: bool = True
     max_seconds: float = 0.0        # > 0: stop after the step that crosses this wall time
-    # The memory recipe: LR, schedule and clipping of the memory key/values (spec 3.4; MEMORY_RECIPES).
+    # The memory recipe: LR, schedule and clipping of the memory key/values (docs/design.md §3.4; MEMORY_RECIPES).
     memory_lr: Optional[float] = None   # absolute start LR; None: memory_lr_scale * lr
     # Defaults: the recipe `midus study` chose on dev (MEMORY_RECIPES["study"]; README); the paper's
     # is MEMORY_RECIPES["paper"].
@@ -227,7 +227,7 @@ def _no_decay_names(model) -> Set[str]:
 
 def build_param_groups(model, lr: float, weight_decay: float, memory_lr: Optional[float] = None,
                        memory_lr_schedule: str = "constant", memory_lr_decay_steps: int = 0) -> List[dict]:
-    """AdamW parameter groups of spec 3.4 over the parameters with ``requires_grad``.
+    """AdamW parameter groups of docs/design.md §3.4 over the parameters with ``requires_grad``.
 
     Returns up to three groups (empty ones are left out), each with keys ``params``, ``lr``,
     ``weight_decay``, ``name`` ("memory_kv" | "decay" | "no_decay"), ``schedule`` and
@@ -451,7 +451,7 @@ def _autocast(device: torch.device, precision: str):
 
 def train(model, data: torch.Tensor, config: Optional[TrainConfig] = None,
           callback: Optional[Callable[[int, torch.nn.Module], None]] = None, **overrides) -> TrainResult:
-    """Continued pre-training of ``model`` on packed sequences (spec/HML.md 3.4).
+    """Continued pre-training of ``model`` on packed sequences (docs/design.md §3.4).
 
     Args:
         model: a Hugging Face causal LM (e.g. from ``midus.upscale``); trained in place, moved to

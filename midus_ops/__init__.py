@@ -1,10 +1,10 @@
 """midus_ops: fast product-key memory operators and the memory layers of MIDUS.
 
-MIDUS: Memory-Infused Depth Up-Scaling (arXiv 2512.13751). The contract is spec/HML.md:
+MIDUS: Memory-Infused Depth Up-Scaling (arXiv 2512.13751). The design is docs/design.md:
 
-- :func:`pk_topk`: per-head product-key scoring and top-k (spec 1.1).
-- :func:`hive_gather`: weighted gather from a shared bank + per-head projection (spec 1.2).
-- :class:`HeadwiseMemoryLayer` and :class:`ProductKeyMemory`: drop-in nn.Modules (spec 2).
+- :func:`pk_topk`: per-head product-key scoring and top-k (docs/design.md §1.1).
+- :func:`hive_gather`: weighted gather from a shared bank + per-head projection (docs/design.md §1.2).
+- :class:`HeadwiseMemoryLayer` and :class:`ProductKeyMemory`: drop-in nn.Modules (docs/design.md §2).
 - ``midus_ops.reference``: the pure-PyTorch reference of each operator.
 
 If the compiled extension cannot load, importing warns once (``MidusExtensionWarning``) and

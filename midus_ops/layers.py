@@ -1,4 +1,4 @@
-"""Drop-in memory layers built on the two operators (spec/HML.md section 2)."""
+"""Drop-in memory layers built on the two operators (docs/design.md §2)."""
 from __future__ import annotations
 
 import math
@@ -60,7 +60,7 @@ def _topk_weights(scores: torch.Tensor, tau, allow_16bit: bool = True) -> torch.
     with tau = 1 (inference, decode) give the weights in the scores' dtype straight from torch's
     CUDA softmax, which computes in fp32 and rounds once at the end: the same values as the fp32
     softmax rounded by the caller's ``.to``, in one kernel launch instead of three (cast, softmax,
-    cast). Decode (spec/HML.md 4) is launch-bound. With gradients (or ``allow_16bit=False``, while
+    cast). Decode (docs/design.md §4) is launch-bound. With gradients (or ``allow_16bit=False``, while
     usage statistics record the weights) the fp32 path runs, so that the softmax backward and the
     statistics use the fp32 weights. Elsewhere softmax's ``dtype`` argument converts the
     input (as an explicit ``.to`` would) and tau = 1 skips the division.
@@ -184,7 +184,7 @@ class _UsageStats(nn.Module):
 class HeadwiseMemoryLayer(nn.Module):
     """Head-wise Memory Layer (HML) with Head-wise Implicit Value Expansion (HIVE).
 
-    MIDUS (arXiv 2512.13751) sec. 3; spec/HML.md 2.1. Every attention head queries its own
+    MIDUS (arXiv 2512.13751) sec. 3; docs/design.md §2.1. Every attention head queries its own
     product-key space with its own output, reads k slots of one shared latent bank, and projects
     the weighted read through its own matrix::
 
@@ -303,7 +303,7 @@ class HeadwiseMemoryLayer(nn.Module):
 class ProductKeyMemory(nn.Module):
     """Multi-head product-key memory over the full hidden state (Lample et al. 2019).
 
-    spec/HML.md 2.2, the "MIDUS-PKM" ablation and a drop-in FFN replacement::
+    docs/design.md §2.2, the "MIDUS-PKM" ablation and a drop-in FFN replacement::
 
         q = Linear(d -> H_m * d_k)(x)             [N, H_m, d_k]
         scores, idx = pk_topk(q, subkeys, k)      per memory head

@@ -152,7 +152,7 @@ def _check_same_device(**tensors: torch.Tensor) -> None:
 # pk_topk
 # --------------------------------------------------------------------------------------------
 def pk_topk(q: torch.Tensor, subkeys: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Product-key scoring and top-k, per head (spec/HML.md 1.1; Lample et al. 2019, sec. 3.2).
+    """Product-key scoring and top-k, per head (docs/design.md §1.1; Lample et al. 2019, sec. 3.2).
 
     For each token t and head h, with q[t, h] = [q1; q2] split in halves: s1 = K1_h q1 and
     s2 = K2_h q2 (n scores each), the top-k of each, and the top-k of the k*k candidate sums.
@@ -207,7 +207,7 @@ def hive_gather(
     deterministic: bool = False,
     check_indices: bool = True,
 ) -> torch.Tensor:
-    """Weighted gather from a shared latent bank and per-head projection (spec/HML.md 1.2).
+    """Weighted gather from a shared latent bank and per-head projection (docs/design.md §1.2).
 
     u[t, h] = sum_j weights[t, h, j] * bank[indices[t, h, j]] (EmbeddingBag "sum" with per-sample
     weights) and out[t, h] = u[t, h] @ proj[h]: Head-wise Implicit Value Expansion (HIVE, MIDUS

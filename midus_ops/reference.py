@@ -1,6 +1,6 @@
 """Pure-PyTorch reference implementations of the two MIDUS memory operators.
 
-These functions are the executable documentation of the math in spec/HML.md section 1
+These functions are the executable documentation of the math in docs/design.md §1
 (MIDUS, arXiv 2512.13751; product keys after Lample et al. 2019, "Large Memory Layers with
 Product Keys"). They are short on purpose: the fast kernels in ``midus_ops._C`` are tested
 against them, and ``midus_ops`` falls back to them when the compiled extension cannot load.
@@ -49,7 +49,7 @@ def topk_lower_index_wins(scores: torch.Tensor, index: torch.Tensor, k: int) -> 
 
 @_outside_autocast
 def pk_topk_ref(q: torch.Tensor, subkeys: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Product-key scoring and top-k, per head (spec 1.1).
+    """Product-key scoring and top-k, per head (docs/design.md §1.1).
 
     Args:
         q: [N, H, d_k] queries, d_k even; float32, float64, bfloat16 or float16.
@@ -90,7 +90,7 @@ def hive_gather_ref(
     *,
     check_indices: bool = True,
 ) -> torch.Tensor:
-    """Weighted gather from a shared latent bank, then a per-head projection (spec 1.2, HIVE).
+    """Weighted gather from a shared latent bank, then a per-head projection (docs/design.md §1.2, HIVE).
 
     Args:
         weights: [N, H, k] per-sample weights; same dtype as ``bank``.

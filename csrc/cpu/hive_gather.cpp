@@ -1,4 +1,4 @@
-// CPU kernels of midus_ops::hive_gather and its backward (spec/HML.md 1.2).
+// CPU kernels of midus_ops::hive_gather and its backward (docs/design.md §1.2).
 // Tokens are processed in chunks: the weighted bank read u [H, T, d_z] of a chunk is accumulated
 // in fp32 (fp64 for fp64) straight from the bank rows, never as [N, H, k, d_z], and the per-head
 // projection is one batched GEMM per chunk. The bank gradient is a deterministic CSR scatter-add.

@@ -1,4 +1,4 @@
-// Two-stage product-key selection on the CPU (spec/HML.md 1.1): the top k of each half's n
+// Two-stage product-key selection on the CPU (docs/design.md §1.1): the top k of each half's n
 // sub-key scores, then the top k of their sums, in the selection order
 //   larger score first; NaN before everything (as torch.sort descending); among equal scores
 //   the lower id first (sub-key id at stage 1, a * n + b at stage 2).

@@ -1,4 +1,4 @@
-// CPU kernels of midus_ops::pk_topk and its backward (spec/HML.md 1.1).
+// CPU kernels of midus_ops::pk_topk and its backward (docs/design.md §1.1).
 // Scores of both query halves against a head's sub-keys are one batched GEMM per token chunk
 // (fp32 accumulation, fp64 for fp64); selection (pk_select.h) is exact and per (token, head).
 #include <ATen/ATen.h>

@@ -1,4 +1,4 @@
-// ATen glue of the CUDA hive_gather and hive_gather_backward (spec/HML.md 1.2): input checks,
+// ATen glue of the CUDA hive_gather and hive_gather_backward (docs/design.md §1.2): input checks,
 // outputs, dtype dispatch, the host-side index check and the environment switches. The kernels,
 // their launch logic and how they work are in kernels/hive_gather.cuh and the family headers it
 // includes (shared with the CPU emulation in tests/cuda_emu).

@@ -1,4 +1,4 @@
-// ATen glue of the CUDA pk_topk and pk_topk_backward (spec/HML.md 1.1): input checks, outputs,
+// ATen glue of the CUDA pk_topk and pk_topk_backward (docs/design.md §1.1): input checks, outputs,
 // dtype dispatch and the host-side index check. The kernels and their launch logic, and how they
 // work, are in kernels/pk_topk.cuh (shared with the CPU emulation in tests/cuda_emu).
 #include <ATen/ATen.h>

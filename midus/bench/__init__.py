@@ -8,7 +8,7 @@ measured side by side in the same process and run, written to one results file p
 
 Subjects (one module each, ``bench(ctx)``): :mod:`.ops`, :mod:`.layers`, :mod:`.blocks`,
 :mod:`.models`, :mod:`.decode`, :mod:`.scaling`; sizes per device in each module's ``SIZES``
-("gpu": the spec's shapes, section 4; "cpu": scaled down for a 2-core machine; "quick": tiny).
+("gpu": the shapes of docs/design.md §4; "cpu": scaled down for a 2-core machine; "quick": tiny).
 Measurement: :mod:`.core` (CUDA events / wall time, peak memory, environment, results file);
 targets and tables: :mod:`.report`; plots: :mod:`.plot`. For the ``midus`` command,
 :func:`add_arguments` and :func:`run` (see :mod:`.cli`).

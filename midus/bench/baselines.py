@@ -1,10 +1,10 @@
 """The baselines midus is measured against, and the HML op written three ways.
 
-- eager: what a user writes without midus_ops, the "eager reference" of ANCHORS.md: einsum
+- eager: what a user writes without midus_ops, the "eager reference" of docs/benchmarks.md §1: einsum
   scoring, ``torch.topk`` per half, a cartesian top-k, a gather of [N, H, k, d_z] and an einsum
   projection, in the input's dtype. No tie rule (torch.topk's own), so it is the fast eager
-  baseline, not the spec's reference.
-- reference: ``midus_ops.reference`` (spec/HML.md 1.1, 1.2; exact tie rule, fp32 accumulation).
+  baseline, not the exact reference.
+- reference: ``midus_ops.reference`` (docs/design.md §1.1, §1.2; exact tie rule, fp32 accumulation).
 - midus_ops: the public ops (compiled kernels where the device has them, else the reference).
 - ``torch.compile`` of the eager version, and ``F.embedding_bag`` for the gather.
 - :class:`SwiGLU`: the Llama FFN a memory layer replaces.
@@ -62,7 +62,7 @@ def hive_gather_embedding_bag(weights: torch.Tensor, indices: torch.Tensor, bank
 
 
 def hml_with(topk: Callable, gather: Callable) -> Callable:
-    """The whole HML op (spec 2.1 without the query norm): top-k, fp32 softmax, gather + projection."""
+    """The whole HML op (docs/design.md §2.1 without the query norm): top-k, fp32 softmax, gather + projection."""
     def hml(q, subkeys, k, bank, proj):
         scores, idx = topk(q, subkeys, k)
         w = torch.softmax(scores.float(), dim=-1).to(bank.dtype)

@@ -5,7 +5,7 @@ At the Llama-3.2-1B shape (GPU) or a scaled-down Llama (CPU), B x T tokens, caus
 ``memory_block`` (``midus.MidusMemoryBlock``, the layer ``midus.upscale(method="midus")`` inserts,
 out_proj="none"), ``memory_block_copy`` (out_proj="copy") and their ``[eager]`` twins (the same
 blocks running the eager PyTorch ops). Modes ``fwd`` and ``fwd_bwd`` (gradients for the input and
-all parameters). Peak memory counts the parameters plus the peak above them. ANCHORS.md target:
+all parameters). Peak memory counts the parameters plus the peak above them. Target (docs/benchmarks.md §3):
 memory block fwd+bwd at most half the DUS block's time.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``midus bench``: run the benchmark suite (or named parts), write the results file, print tables.
 
-    midus bench                         # every subject, sizes for the device (GPU: spec shapes)
+    midus bench                         # every subject, sizes for the device (GPU: shapes of docs/design.md §4)
     midus bench ops models              # some subjects
     midus bench ops.hml decode.N=1      # single cases
     midus bench --quick                 # tiny sizes, 2 runs: checks the suite, not speed (~1 min CPU)

@@ -6,7 +6,7 @@ Implementations (forward only, torch.no_grad, eval mode, usage statistics off): 
 captured once in a CUDA graph and replayed (``hml+graph``, ``hml+graph[eager]``, ``ffn+graph``):
 the launch overhead gone, what is left is the kernels. A graph whose capture fails (an op that
 synchronises with the host, such as the reference's index check) is recorded with the error.
-ANCHORS.md target: the fused HML forward at N=1 under a quarter of the FFN's time.
+Target (docs/benchmarks.md §3): the fused HML forward at N=1 under a quarter of the FFN's time.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from .baselines import SwiGLU, with_eager_ops
 from .core import Context, Impl, count_params, tensor_mib
 
 # GPU: the Llama-3.2-1B width (d=2048, 32 heads of 64, FFN 8192), 4 x 2048 tokens, HML defaults.
-# CPU: d=512 (8 heads of 64, FFN 2048), 2048 tokens, d_z=128 (the spec's CPU shape).
+# CPU: d=512 (8 heads of 64, FFN 2048), 2048 tokens, d_z=128 (the CPU shape of docs/design.md §4).
 SIZES = {
     "gpu": dict(N=8192, H=32, d_h=64, d_ff=8192, n=32, k=16, d_z=256, pkm_heads=4, pkm_d_k=128),
     "cpu": dict(N=2048, H=8, d_h=64, d_ff=2048, n=32, k=16, d_z=128, pkm_heads=4, pkm_d_k=64),

@@ -7,12 +7,12 @@ PyTorch ops) and ``llama_pro`` (24). Memory banks get random values (a trained m
 
 Cases and modes:
 - case ``train``, mode ``train_step``: forward + backward of the causal-LM loss on B x T random tokens, every parameter
-  trainable (as ANCHORS.md measures it); the optimizer step is left out: its cost is per parameter
+  trainable (as docs/benchmarks.md §3 measures it); the optimizer step is left out: its cost is per parameter
   and the same for every method. tokens/s = B * T / step time.
 - case ``generate``, modes ``generate_b1``, ``generate_b16``: greedy ``generate()`` with the KV cache, batch 1 and 16, P prompt
   tokens, exactly G new tokens (min_new_tokens = max_new_tokens); tokens/s = batch * G / time.
   Fewer runs than the training step (``gen_reps``): each run is G sequential steps.
-Peak memory: parameters plus the peak above them during the call. ANCHORS.md targets: MIDUS
+Peak memory: parameters plus the peak above them during the call. Targets (docs/benchmarks.md §3): MIDUS
 training step at most 1.15x the base model's time (DUS 24 about 1.4x).
 """
 from __future__ import annotations

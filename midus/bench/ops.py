@@ -27,8 +27,8 @@ from .baselines import (HML_IMPLS, compiled, hive_gather_eager, hive_gather_embe
                         pk_topk_eager)
 from .core import Context, Impl, _err, time_ms
 
-# HML shape: spec/HML.md section 4 (GPU: MIDUS on Llama-3.2-1B; CPU: the spec's CPU shape).
-# Large-memory shape: the spec's (GPU); CPU: rows / 16, width / 4, bags / 4.
+# HML shape: docs/design.md §4 (GPU: MIDUS on Llama-3.2-1B; CPU: the CPU shape of docs/design.md §4).
+# Large-memory shape: docs/design.md §4 (GPU); CPU: rows / 16, width / 4, bags / 4.
 SIZES = {
     "gpu": {"hml": dict(N=8192, H=32, d_k=64, n=32, k=16, d_z=256, d_v=64),
             "large": dict(R=2 ** 20, d_z=1024, N=4096, H=4, k=32), "copy_mib": 2048},

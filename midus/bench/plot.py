@@ -7,7 +7,7 @@ Writes beside the results file (or into ``--out``), named after it:
   version measured in the same run (ops: against ``eager``; layers, blocks, models, decode: against
   the same module on the eager ops, its ``[eager]`` twin).
 - ``<stem>_vs_baseline.png``: per subject, time relative to the subject's baseline (eager op,
-  SwiGLU FFN, DUS block, base model, FFN at decode), with the ANCHORS.md targets drawn as lines.
+  SwiGLU FFN, DUS block, base model, FFN at decode), with the targets of docs/benchmarks.md §3 drawn as lines.
 - ``<stem>_memory.png``: per subject, peak memory (MiB) of each implementation.
 - ``<stem>_scaling.png``: HML op time (fwd+bwd, fwd) and memory as N, n, k and d_z grow.
 """

@@ -1,6 +1,6 @@
 """Tables and target checks from benchmark records (the results file's ``subjects.*.records``).
 
-Targets are ANCHORS.md's, stated as ratios against baselines measured in the same run. The GPU
+Targets are those of docs/benchmarks.md §3, stated as ratios against baselines measured in the same run. The GPU
 targets are evaluated on any device but ``applies`` only on CUDA; on CPU they are informative
 (the CPU sizes are scaled down, and a CPU is not what they were set for).
 """
@@ -78,7 +78,7 @@ def check_targets(records: List[Dict[str, Any]], device: str, profile: str = "",
             met = v >= limit if op == ">=" else v <= limit if op == "<=" else None
         out.append({"target": what, "subject": subj, "case": case, "impl": impl, "mode": mode, "field": fld,
                     "value": v, "op": op, "limit": limit, "met": met, "applies": on == dev and profile != "quick",
-                    "source": "ANCHORS.md", **({"why": why} if why else {})})
+                    "source": "docs/benchmarks.md §3", **({"why": why} if why else {})})
     return out
 
 
@@ -157,7 +157,7 @@ def key_table(records: List[Dict[str, Any]]) -> str:
 
 
 def targets_table(targets: List[Dict[str, Any]]) -> str:
-    lines = ["| target (ANCHORS.md) | measured | met |", "|---|---|---|"]
+    lines = ["| target (docs/benchmarks.md §3) | measured | met |", "|---|---|---|"]
     for t in targets:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "NO")
         if not t["applies"]:

@@ -1,4 +1,4 @@
-// CUDA kernels of midus_ops::hive_gather and midus_ops::hive_gather_backward (spec/HML.md 1.2): this
+// CUDA kernels of midus_ops::hive_gather and midus_ops::hive_gather_backward (docs/design.md §1.2): this
 // header holds the op-level launch logic; the kernel families are in hive_bag.cuh, hive_fwd.cuh,
 // hive_bwd_tc.cuh and hive_grad_bank.cuh; csrc/cuda/hive_gather.cu is the ATen glue, and
 // tests/cuda_emu runs all of it on a CPU.
@@ -50,7 +50,7 @@
 // Every path is deterministic, so the `deterministic` flag changes nothing on CUDA (as on CPU).
 // MIDUS_OPS_CUDA_NO_TC=1 makes bf16/fp16 take the generic kernels too (for cross-checks).
 //
-// Out-of-range indices (spec: an error naming `indices`, never an out-of-bounds read):
+// Out-of-range indices (docs/design.md §1.2: an error naming `indices`, never an out-of-bounds read):
 //  * by default a host-side check runs before any kernel (one small reduction kernel and one
 //    16-byte device-to-host copy, i.e. a stream synchronisation) and raises IndexError
 //    "hive_gather: indices out of range: found X, expected every index in [0, R)";

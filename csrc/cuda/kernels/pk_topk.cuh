@@ -1,4 +1,4 @@
-// CUDA kernels of midus_ops::pk_topk and midus_ops::pk_topk_backward (spec/HML.md 1.1) and their
+// CUDA kernels of midus_ops::pk_topk and midus_ops::pk_topk_backward (docs/design.md §1.1) and their
 // launch logic; csrc/cuda/pk_topk.cu is the ATen glue, tests/cuda_emu runs them on a CPU. Same
 // schemas and semantics as csrc/cpu/pk_topk.cpp: sub-key scores accumulated in fp32 (fp64 for
 // fp64), exact two-stage selection in the order of csrc/cpu/pk_select.h, and the backward returns
@@ -8,7 +8,7 @@
 // its W warps (W = 8 unless shared memory forces fewer) takes one (token, head) row at a time:
 //   1. scores: the head's sub-keys are staged in shared memory (converted to the accumulation
 //      type, rows padded to half + 1 elements against bank conflicts) once per block when both
-//      halves fit in 64 KiB (every shape of the spec: n = 32, d_k = 64 is 8.4 KiB), otherwise in
+//      halves fit in 64 KiB (every shape of docs/design.md §4: n = 32, d_k = 64 is 8.4 KiB), otherwise in
 //      chunks of rows restaged per round of W tokens; each lane computes the dot products of its
 //      sub-keys with the query half (fp32/fp64 FMAs, d in order) into the warp's score rows s1, s2.
 //   2. stage 1: the top k of each half. Items are (score, id) packed so that one integer
