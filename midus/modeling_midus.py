@@ -115,8 +115,10 @@ def _check_memory_options(opts: Dict[str, Any]) -> Dict[str, Any]:
     if out["query_norm"] not in ("none", "rms"):
         raise ValueError(f"query_norm must be 'none' or 'rms', got {out['query_norm']!r}")
     for key in ("n", "k", "d_z", "pkm_heads", "pkm_d_k"):
-        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
+        # numpy and other integer types are taken as ints (converted: the config is JSON)
+        if isinstance(out[key], bool) or not hasattr(type(out[key]), "__index__") or out[key] < 1:
             raise ValueError(f"{key} must be a positive int, got {out[key]!r}")
+        out[key] = int(out[key])
     if out["k"] > out["n"]:
         raise ValueError(f"k must satisfy 1 <= k <= n = {out['n']}, got k = {out['k']}")
     if not float(out["tau"]) > 0:

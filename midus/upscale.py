@@ -47,9 +47,11 @@ Placement = Union[str, Sequence[int]]
 
 
 def _check_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int (numpy and other integer types accepted); TypeError naming
+    ``name`` for bools, floats and the rest."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
         raise TypeError(f"{name} must be an int, got {value!r}")
-    return value
+    return int(value)
 
 
 def placement_indices(num_layers: int, num_blocks: Optional[int], placement: Placement = "distributed") -> List[int]:
@@ -336,6 +338,8 @@ def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = Non
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if num_blocks is not None:
+        num_blocks = _check_int("num_blocks", num_blocks)  # recorded in the config: a Python int
     model_type = _family_of(model)
     if method not in ("midus", "lesa") + DEUS_METHODS and memory_options:
         raise TypeError(f"memory options {sorted(memory_options)} apply to method='midus' only (lesa, avg_deus and "

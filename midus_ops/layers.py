@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Dict, Optional
 
 import torch
@@ -13,10 +14,19 @@ from .ops import hive_gather, pk_topk
 __all__ = ["HeadwiseMemoryLayer", "ProductKeyMemory"]
 
 
-def _check_positive_ints(**values) -> None:
+def _check_positive_ints(**values) -> tuple:
+    """The values as Python ints, in order; integer types such as numpy's are accepted (and
+    converted, so configs stay JSON), bools and floats are not."""
+    out = []
     for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        try:
+            i = operator.index(v) if not isinstance(v, bool) else None
+        except TypeError:
+            i = None
+        if i is None or i < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+        out.append(i)
+    return tuple(out)
 
 
 def _check_bool(**values) -> bool:
@@ -220,7 +230,8 @@ class HeadwiseMemoryLayer(nn.Module):
     def __init__(self, num_heads: int, head_dim: int, n: int = 32, k: int = 16, d_z: int = 256,
                  tau: float = 1.0, query_norm: str = "none", learn_tau: bool = False):
         super().__init__()
-        _check_positive_ints(num_heads=num_heads, head_dim=head_dim, n=n, k=k, d_z=d_z)
+        num_heads, head_dim, n, k, d_z = _check_positive_ints(num_heads=num_heads, head_dim=head_dim, n=n, k=k,
+                                                              d_z=d_z)
         tau = _check_tau(tau)
         learn_tau = _check_bool(learn_tau=learn_tau)
         if head_dim % 2:
@@ -332,7 +343,8 @@ class ProductKeyMemory(nn.Module):
                  d_out: Optional[int] = None, tau: float = 1.0, value_init: str = "normal", learn_tau: bool = False):
         super().__init__()
         d_out = d_model if d_out is None else d_out
-        _check_positive_ints(d_model=d_model, num_heads=num_heads, n=n, k=k, d_k=d_k, d_out=d_out)
+        d_model, num_heads, n, k, d_k, d_out = _check_positive_ints(d_model=d_model, num_heads=num_heads, n=n, k=k,
+                                                                    d_k=d_k, d_out=d_out)
         tau = _check_tau(tau)
         learn_tau = _check_bool(learn_tau=learn_tau)
         if d_k % 2:

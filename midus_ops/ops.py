@@ -7,6 +7,7 @@ public functions run the pure-PyTorch reference instead (``midus_ops.reference``
 """
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from typing import Optional, Tuple
@@ -186,7 +187,9 @@ def pk_topk(q: torch.Tensor, subkeys: torch.Tensor, k: int) -> Tuple[torch.Tenso
     _check(subkeys.shape[0] == H, f"subkeys has {subkeys.shape[0]} heads but q has H = {H}")
     _check(subkeys.shape[3] == d_k // 2,
            f"subkeys has sub-key width {subkeys.shape[3]} but q has d_k / 2 = {d_k // 2}")
-    _check(isinstance(k, int) and not isinstance(k, bool), f"k must be an int, got {type(k).__name__}", TypeError)
+    _check(not isinstance(k, bool) and hasattr(type(k), "__index__"), f"k must be an int, got {type(k).__name__}",
+           TypeError)
+    k = operator.index(k)  # numpy and other integer types: the op schema takes a Python int
     n = subkeys.shape[2]
     _check(1 <= k <= n, f"k must satisfy 1 <= k <= n = {n} (subkeys.shape[2]), got k = {k}")
     if has_kernel("pk_topk", q.device) and (

@@ -109,3 +109,35 @@ def test_empty_batches():
     assert HeadwiseMemoryLayer(2, 8, n=4, k=2, d_z=6)(torch.randn(0, 3, 2, 8)).shape == (0, 3, 2, 8)
     w, idx, bank = torch.randn(0, 2, 3), torch.zeros(0, 2, 3, dtype=torch.long), torch.randn(9, 4)
     assert torch.equal(hive_gather(w, idx, bank), hive_gather_ref(w, idx, bank))
+
+
+def test_numpy_integers_are_taken_as_ints_and_saved_as_ints(tmp_path):
+    """k, n, K from numpy (a sweep over np.arange, a config read by pandas) are ints to the user:
+    accepted everywhere an int is, stored as Python ints (the saved config is JSON); floats and
+    bools are still refused by name."""
+    import json
+
+    import numpy as np
+
+    import midus
+    from conftest import make_tiny_llama
+
+    q, subkeys, bank, proj = _hml_inputs()
+    want = pk_topk(q, subkeys, 3)
+    got = pk_topk(q, subkeys, np.int64(3))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    layer = HeadwiseMemoryLayer(num_heads=np.int32(2), head_dim=8, n=np.int64(6), k=np.int64(3), d_z=10)
+    assert type(layer.k) is int and type(layer.n) is int and type(layer.num_heads) is int
+    pkm = ProductKeyMemory(d_model=np.int64(16), num_heads=2, n=6, k=np.int64(3), d_k=8)
+    assert type(pkm.k) is int and type(pkm.d_model) is int
+    big = midus.upscale(make_tiny_llama(96), "midus", num_blocks=np.int64(2), n=np.int64(8), k=np.int64(4), d_z=16)
+    big.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["midus_upscale"]["num_blocks"] == 2
+    for bad, exc in ((3.0, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="k must be an int"):
+            pk_topk(q, subkeys, bad)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        HeadwiseMemoryLayer(num_heads=2, head_dim=8, n=6, k=3.0, d_z=10)
+    with pytest.raises(TypeError, match="num_blocks must be an int"):
+        midus.upscale(make_tiny_llama(96), "midus", num_blocks=2.0)
