@@ -139,13 +139,17 @@ from .runtime import eval_split as _eval_split  # noqa: E402
 
 
 def cmd_upscale(args) -> int:
-    base, tokenizer, path = load_model(args.model)
+    # Up-scaling needs no tokenizer, except to read calibration text for --placement importance.
+    base, tokenizer, path = load_model(args.model, need_tokenizer=_placement_arg(args) == "importance")
+    if tokenizer is None:
+        _log(f"{path} holds no tokenizer: the output will hold none either")
     _log(f"up-scaling {path} ({base.config.num_hidden_layers} layers) with method={args.method}, "
          f"num_blocks={args.num_blocks}, placement={args.placement or 'the method default'}")
     with atomic_output_dir(args.output) as tmp:
         model = _upscale(base, args, tokenizer)
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     added = _count(model) - _count(base)
     rec = model.config.midus_upscale
     print(f"wrote {args.output}: {rec['method']} model with "

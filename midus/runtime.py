@@ -88,12 +88,12 @@ def resolve_model_path(model: str) -> str:
     return str(path)
 
 
-def load_model(model: str, device=None):
+def load_model(model: str, device=None, need_tokenizer: bool = True):
     """(model, tokenizer, path) for a local folder or "default"; fp32 weights, eval mode.
 
     Importing midus registers the MIDUS classes, so up-scaled folders load too. Raises
-    FileNotFoundError / ValueError naming ``--model`` if the path is not a model folder or holds
-    no tokenizer.
+    FileNotFoundError / ValueError naming ``--model`` if the path is not a model folder or, with
+    ``need_tokenizer``, holds no tokenizer (without it the tokenizer is then None).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -104,7 +104,9 @@ def load_model(model: str, device=None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise ValueError(f"--model: cannot load a tokenizer from {path}: {err}") from None
+        if need_tokenizer:
+            raise ValueError(f"--model: cannot load a tokenizer from {path}: {err}") from None
+        tokenizer = None
     net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if device is not None:
         net.to(device)

@@ -62,6 +62,19 @@ def test_upscale_writes_a_loadable_folder(tiny_model_dir, tmp_path, capsys):
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no temp folders left
 
 
+def test_upscale_needs_a_tokenizer_only_for_importance_placement(tiny_model_dir, tiny_text_file, tmp_path, capsys):
+    bare = tmp_path / "bare"  # weights and config only, as many published conversions are
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(bare)
+    out = tmp_path / "up"
+    assert main(["upscale", "--model", str(bare), "--output", str(out), "--num-blocks", "2"] + TINY_MEM) == 0
+    assert "holds no tokenizer" in capsys.readouterr().err
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out), midus.MidusForCausalLM)
+    assert not (out / "tokenizer.json").exists()
+    code = main(["upscale", "--model", str(bare), "--output", str(tmp_path / "imp"), "--num-blocks", "2",
+                 "--placement", "importance", "--data", tiny_text_file] + TINY_MEM)
+    assert code == 1 and "cannot load a tokenizer" in capsys.readouterr().err
+
+
 def test_failed_commands_leave_existing_output_unchanged(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch,
                                                          capsys):
     import shutil
