@@ -237,6 +237,8 @@ def _zero_shot_args(args):
         raise CLIError(f"--limit: expected a number of questions per task >= 0 (0 = all), got {args.limit}")
     if args.task_batch_size < 1:
         raise CLIError(f"--task-batch-size: expected a positive int, got {args.task_batch_size}")
+    if args.tasks and args.tasks.strip().lower() == "none":  # as `midus compare --tasks none`
+        args.tasks = None
     if not args.tasks:
         if args.no_perplexity:
             raise CLIError("--no-perplexity: nothing to evaluate without --tasks")
@@ -512,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p, window=512, batch=4)
     p.add_argument("--no-perplexity", action="store_true", help="skip perplexity (with --tasks)")
     g = p.add_argument_group("zero-shot tasks (lm-eval; docs/design.md §3.4)")
-    g.add_argument("--tasks", help="comma-separated tasks, or 'all': arc_easy, arc_challenge, piqa, winogrande, "
-                                   "boolq, csqa, mmlu (default: none)")
+    g.add_argument("--tasks", help="comma-separated tasks, 'all' or 'none': arc_easy, arc_challenge, piqa, "
+                                   "winogrande, boolq, csqa, mmlu (default: none)")
     g.add_argument("--limit", type=int, default=0,
                    help="score only the first N questions of each task; 0 = all (default: 0)")
     g.add_argument("--task-batch-size", type=int, default=8,

@@ -177,6 +177,10 @@ def test_train_resume_and_eval(tiny_model_dir, tiny_text_file, tmp_path, capsys)
     assert [r["model"] for r in rows] == [str(up), str(out)]
     assert rows[0]["tokens"] == rows[1]["tokens"] > 0
     assert rows[1]["ppl"] < rows[0]["ppl"]  # training on this text lowers its perplexity
+    # --tasks none means no tasks, as in midus compare
+    assert main(["eval", "--model", str(out), "--data", tiny_text_file, "--window", "32", "--stride", "16",
+                 "--max-tokens", "1024", "--json", "--no-progress", "--tasks", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["ppl"] == rows[1]["ppl"]
 
 
 def test_run_smoke_on_the_default_model(tmp_path, capsys):
