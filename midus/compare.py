@@ -449,8 +449,8 @@ def markdown_table(report: dict) -> str:
               f"{c['steps']} steps x {c['batch_size']} x {c['seq_len']} tokens "
               f"({first.get('train_tokens', c['steps'] * c['batch_size'] * c['seq_len']):,} tokens, the same data order "
               f"for every method); peak LR chosen per method from {', '.join(f'{x:g}' for x in lrs)} on the dev half of "
-              f"the validation documents (bold), the **test** half reported ({c['eval_tokens']:,} tokens each, window "
-              f"{c['window']}); " + (f"{seeds} seeds at the chosen LR (test ppl: mean ± half the range; zero-shot: "
+              f"the validation documents (bold), the **test** half reported (the first {c['eval_tokens']:,} tokens of each, "
+              f"{c['eval_tokens'] - 1:,} of them predicted, window {c['window']}); " + (f"{seeds} seeds at the chosen LR (test ppl: mean ± half the range; zero-shot: "
                                      f"mean). " if seeds > 1 else "one seed. ") +
               "What is trained is each method's default (docs/design.md §3.4: the new blocks for LLaMA Pro, "
               "Avg-/OpT-DeUS and MIDUS, everything otherwise)" + (f"; the memory keys/values follow the recipe {_recipe_words(recipe)}" if recipe else "") +
