@@ -315,3 +315,14 @@ def test_benchmark_scripts_import_the_midus_under_test(tmp_path):
                           capture_output=True, text=True, timeout=300, env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == [midus.__file__, midus_ops.__file__, str(midus_ops.EXTENSION_AVAILABLE)]
+
+
+def test_subject_script_help_names_only_its_cases():
+    import argparse
+
+    from midus.bench.cli import add_arguments
+
+    p = argparse.ArgumentParser(prog="bench_ops.py")
+    add_arguments(p, "ops")
+    text = p.format_help()
+    assert "cases of ops" in text and "decode.N=1" not in text and "scaling" not in text

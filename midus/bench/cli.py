@@ -29,11 +29,17 @@ def subject_module(name: str):
     return importlib.import_module(f"midus.bench.{name}")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``midus bench`` (the lead's CLI adds them to its ``bench`` sub-parser)."""
-    parser.add_argument("parts", nargs="*", metavar="PART",
-                        help=f"subjects ({', '.join(SUBJECTS)}) or single cases as SUBJECT.CASE "
-                             f"(e.g. ops.hml, decode.N=1, scaling.n); default: all subjects")
+def add_arguments(parser: argparse.ArgumentParser, subject: Optional[str] = None) -> None:
+    """The options of ``midus bench`` (the lead's CLI adds them to its ``bench`` sub-parser), or of
+    one subject's script (``subject``: its PARTs are that subject's cases)."""
+    if subject:
+        parser.add_argument("parts", nargs="*", metavar="CASE",
+                            help=f"cases of {subject} (see --list), with or without the '{subject}.' prefix; "
+                                 f"default: all of them")
+    else:
+        parser.add_argument("parts", nargs="*", metavar="PART",
+                            help=f"subjects ({', '.join(SUBJECTS)}) or single cases as SUBJECT.CASE "
+                                 f"(e.g. ops.hml, decode.N=1, scaling.n); default: all subjects")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: cuda when a GPU is visible, else cpu (default: auto)")
     parser.add_argument("--quick", action="store_true",
@@ -255,7 +261,7 @@ def main_subject(subject: str, argv: Optional[List[str]] = None, out: Optional[s
     name its cases with or without the "<subject>." prefix); results in ``out`` unless --out/$OUT."""
     parser = argparse.ArgumentParser(prog=f"bench_{subject}.py",
                                      description=subject_module(subject).__doc__.split("\n\n")[0])
-    add_arguments(parser)
+    add_arguments(parser, subject)
     if device:
         parser.set_defaults(device=device)
     args = parser.parse_args(argv)
