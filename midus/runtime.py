@@ -183,6 +183,29 @@ def check_output(output: str) -> None:
                              f"whole: move them, or name a new folder")
 
 
+def _raise_on_sigterm():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        return None
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def atomic_output_dir(output: str):
     """Yield a temp folder beside ``output``; on success it replaces ``output`` (rename), on any
@@ -191,11 +214,16 @@ def atomic_output_dir(output: str):
     final = Path(output).expanduser().absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # SIGTERM (a scheduler's kill, `timeout`) would end the process without unwinding and leave the
+    # hidden temp folder behind: turn it into an exception for the time the folder exists.
+    previous = _raise_on_sigterm()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _restore_sigterm(previous)
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.rename(final, old)

@@ -235,3 +235,19 @@ def test_deus_flags_reach_upscale_and_are_recorded(tiny_model_dir, tmp_path, cap
     assert main(["upscale", "--model", tiny_model_dir, "--output", str(tmp_path / "x"), "--method", "avg_deus",
                  "--num-blocks", "1", "--ot-reg", "0.1"]) == 1
     assert "--ot-reg" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_sigterm_while_writing_an_output_leaves_no_temp_folder(tmp_path):
+    """A kill (SIGTERM: a scheduler, `timeout`) while a command writes its output removes the hidden
+    temp folder and leaves the earlier output as it was."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text('{"model_type": "llama"}')
+    code = ("import os, signal, sys, time\nfrom midus.runtime import atomic_output_dir\n"
+            "with atomic_output_dir(sys.argv[1]) as tmp:\n"
+            "    (tmp / 'config.json').write_text('new')\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 128 + 15, proc.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert (tmp_path / "out" / "config.json").read_text() == '{"model_type": "llama"}'
