@@ -186,6 +186,23 @@ class MidusConfig(_BaseConfig):
         return {key: getattr(self, key) for key in MEMORY_DEFAULTS}
 
 
+def _text_config_field(name: str) -> property:
+    # Tools that read config.hidden_size or config.num_hidden_layers (profilers, exporters, scripts)
+    # see the whole up-scaled stack's values; written ones go to the text config, the one source.
+    def get(self):
+        return getattr(self.text_config, name)
+
+    def set_(self, value):
+        setattr(self.text_config, name, value)
+
+    return property(get, set_, doc=f"``text_config.{name}`` (the whole up-scaled stack).")
+
+
+for _name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+              "vocab_size", "max_position_embeddings", "head_dim"):
+    setattr(MidusConfig, _name, _text_config_field(_name))
+
+
 def _no_output_projection(attn_output: torch.Tensor) -> torch.Tensor:
     return attn_output
 

@@ -537,3 +537,23 @@ def test_memory_options_reach_the_layers_and_survive_save_load(tmp_path):
     assert loaded.config.memory_options == new.config.memory_options
     assert loaded.config.midus_upscale["placement"] == [0, 2]
     _assert_same_model(new, loaded, token_ids())
+
+
+def test_midus_config_answers_the_usual_size_fields_from_its_text_config(tmp_path):
+    """Tools read config.hidden_size / num_hidden_layers directly; a MidusConfig answers them from
+    its text config (the whole up-scaled stack), writes go there, and config.json keeps one copy."""
+    from conftest import make_tiny_llama
+
+    base = make_tiny_llama(96)
+    big = upscale(base, "midus", num_blocks=2, n=8, k=4, d_z=16)
+    c = big.config
+    assert c.num_hidden_layers == len(big.model.layers) == base.config.num_hidden_layers + 2
+    for name in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size",
+                 "max_position_embeddings"):
+        assert getattr(c, name) == getattr(base.config, name), name
+    big.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "hidden_size" not in saved and saved["text_config"]["hidden_size"] == c.hidden_size
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    loaded.resize_token_embeddings(100)
+    assert loaded.config.vocab_size == loaded.config.text_config.vocab_size == 100
