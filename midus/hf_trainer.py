@@ -41,8 +41,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 
-from .train import (RECIPE_FIELDS, TrainConfig, _constant, _LinearTo, build_param_groups, memory_start_lr,
-                    resolve_trainable)
+from .train import RECIPE_FIELDS, TrainConfig, build_param_groups, build_scheduler, memory_start_lr, resolve_trainable
 
 __all__ = ["MidusTrainer", "PackedDataset", "schedule_multiplier"]
 
@@ -118,7 +117,8 @@ class MidusTrainer(Trainer):
     """
 
     def __init__(self, *args, trainable: str = "auto", memory_lr: Optional[float] = _DEFAULT.memory_lr,
-                 memory_lr_scale: float = _DEFAULT.memory_lr_scale, memory_lr_schedule: str = _DEFAULT.memory_lr_schedule,
+                 memory_lr_scale: float = _DEFAULT.memory_lr_scale,
+                 memory_lr_schedule: str = _DEFAULT.memory_lr_schedule,
                  memory_lr_decay_steps: int = _DEFAULT.memory_lr_decay_steps,
                  memory_max_grad_norm: float = _DEFAULT.memory_max_grad_norm, **kwargs):
         # TrainConfig validates the recipe with the messages midus train gives.
@@ -173,16 +173,8 @@ class MidusTrainer(Trainer):
             args = self.args
             rest = schedule_multiplier(args.lr_scheduler_type, args.get_warmup_steps(num_training_steps),
                                        num_training_steps, args.lr_scheduler_kwargs)
-            lambdas = []
-            for g in optimizer.param_groups:
-                schedule = g.get("schedule", "cosine")
-                if schedule == "constant":
-                    lambdas.append(_constant)
-                elif schedule == "decay":
-                    lambdas.append(_LinearTo(g["decay_to"] / g["lr"], g.get("decay_steps") or num_training_steps))
-                else:  # the Trainer's own schedule
-                    lambdas.append(rest)
-            self.lr_scheduler = LambdaLR(optimizer, lambdas)
+            self.lr_scheduler = build_scheduler(optimizer, args.get_warmup_steps(num_training_steps),
+                                               num_training_steps, rest=rest)
             self._created_lr_scheduler = True
         return self.lr_scheduler
 

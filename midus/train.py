@@ -295,17 +295,21 @@ class _LinearTo:
         return 1.0 + (self.end - 1.0) * min(1.0, step / self.steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                    rest: Optional[Callable[[int], float]] = None) -> LambdaLR:
     """One LambdaLR over the groups of :func:`build_param_groups`, by each group's ``schedule``:
     "constant" keeps the group's LR; "decay" goes linearly from it to ``decay_to`` over
     ``decay_steps`` (0: ``total_steps``), then stays; "cosine" (and groups without a schedule
-    key that are not ``constant_lr``) follows transformers' ``get_cosine_schedule_with_warmup``
-    (linear 0 -> lr over ``warmup_steps``, cosine to 0 at ``total_steps``)."""
-    from transformers import get_cosine_schedule_with_warmup
+    key that are not ``constant_lr``) follows ``rest`` (step -> multiplier), by default
+    transformers' ``get_cosine_schedule_with_warmup`` (linear 0 -> lr over ``warmup_steps``,
+    cosine to 0 at ``total_steps``); :class:`midus.hf_trainer.MidusTrainer` passes the Trainer's."""
+    cosine = rest
+    if cosine is None:
+        from transformers import get_cosine_schedule_with_warmup
 
-    # Take transformers' own schedule function from a throw-away optimizer, so the math is theirs.
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    cosine = get_cosine_schedule_with_warmup(probe, warmup_steps, total_steps).lr_lambdas[0]
+        # Take transformers' own schedule function from a throw-away optimizer, so the math is theirs.
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        cosine = get_cosine_schedule_with_warmup(probe, warmup_steps, total_steps).lr_lambdas[0]
     lambdas = []
     for g in optimizer.param_groups:
         schedule = g.get("schedule", "constant" if g.get("constant_lr") else "cosine")
