@@ -172,7 +172,7 @@ def environment(device: str = "cpu") -> Dict[str, Any]:
         env["midus_ops_extension"] = midus_ops.EXTENSION_AVAILABLE
         env["midus_ops_kernels"] = {op: midus_ops.has_kernel(op, dev)
                                     for op in ("pk_topk", "pk_topk_backward", "hive_gather", "hive_gather_backward")}
-        env["MIDUS_OPS_CUDA_KERNELS"] = os.environ.get("MIDUS_OPS_CUDA_KERNELS", "")
+        env["MIDUS_OPS_CUDA_KERNELS"] = midus_ops.ops.CUDA_KERNELS_SETTING  # read once, where the ops read it
     except Exception as e:  # the record says why rather than failing the run
         env["midus_ops_extension"] = f"import failed: {e}"
     return env
