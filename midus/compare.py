@@ -135,9 +135,9 @@ class CompareConfig:
             raise ValueError(f"recipe: unknown fields {bad}; expected some of {', '.join(RECIPE_FIELDS)}")
         TrainConfig(**self.recipe)  # validates the values, naming the field
         if self.memory_options:
-            from .modeling_midus import _check_memory_options
+            from midus_ops import MemoryOptions
 
-            _check_memory_options(dict(self.memory_options))
+            MemoryOptions.from_dict(self.memory_options)  # validates, naming the option
 
 
 def _experiment(name: str, cfg: CompareConfig, lr: Optional[float], seed: int, tasks: bool, curve: bool):
