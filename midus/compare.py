@@ -142,9 +142,8 @@ class CompareConfig:
 
 def _experiment(name: str, cfg: CompareConfig, lr: Optional[float], seed: int, tasks: bool, curve: bool):
     """The pipeline experiment of one run of method ``name`` (lr None: no training)."""
-    from .pipeline import Experiment
+    from .pipeline import Experiment, curve_steps
     from .runtime import parse_placement
-    from .study import curve_steps
 
     method, options, _ = METHODS[name]
     options = dict(options)

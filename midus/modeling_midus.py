@@ -116,10 +116,12 @@ class MidusConfig(_BaseConfig):
     sub_configs = {"text_config": AutoConfig}
 
     def __init__(self, text_config=None, memory_positions: Optional[List[int]] = None,
-                 memory: str = "hml", out_proj: str = "none",
-                 n: int = 32, k: int = 16, d_z: int = 256, tau: float = 1.0, query_norm: str = "none",
-                 pkm_heads: int = 4, pkm_d_k: int = 128, midus_upscale: Optional[dict] = None,
-                 learn_tau: bool = False, deterministic: bool = False, **kwargs):
+                 memory: str = MemoryOptions.memory, out_proj: str = MemoryOptions.out_proj,
+                 n: int = MemoryOptions.n, k: int = MemoryOptions.k, d_z: int = MemoryOptions.d_z,
+                 tau: float = MemoryOptions.tau, query_norm: str = MemoryOptions.query_norm,
+                 pkm_heads: int = MemoryOptions.pkm_heads, pkm_d_k: int = MemoryOptions.pkm_d_k,
+                 midus_upscale: Optional[dict] = None, learn_tau: bool = MemoryOptions.learn_tau,
+                 deterministic: bool = MemoryOptions.deterministic, **kwargs):
         if isinstance(text_config, dict):
             text_config = dict(text_config)
             text_config = AutoConfig.for_model(text_config.pop("model_type", "llama"), **text_config)
