@@ -144,7 +144,7 @@ def test_each_entry_point_is_defined_in_exactly_one_unit():
     """launch.h declares the entry points of the CUDA units and the ATen services of cuda_dev.cpp."""
     decl = re.compile(r"^(?:void\*?|int64_t|bool|cudaStream_t|CudaWorkspaces\*) (\w+)\(", re.M)
     decls = decl.findall((CUDA_DIR / "launch.h").read_text())
-    assert len(decls) >= 12, decls
+    assert len(decls) >= 11, decls
     units = {p.name: p.read_text() for p in list(CUDA_DIR.glob("*.cu")) + list(CUDA_DIR.glob("*.cpp"))}
     for name in decls:
         where = [u for u, text in units.items() if name in decl.findall(text)]

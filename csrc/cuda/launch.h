@@ -59,8 +59,6 @@ void pk_topk_forward_cuda_tu(FloatType t, int device, const void* q, const void*
 void pk_topk_backward_cuda_tu(FloatType t, int device, const void* g, bool g_native, const int64_t* idx,
                               const void* q, const void* sk, void* grad_q, void* grad_k, int64_t N, int64_t H,
                               int64_t half, int64_t n, int64_t k);
-// kPkMaxN of kernels/pk_topk.cuh, for the glue's checks.
-int64_t pk_topk_cuda_max_n();
 
 // ---- ATen services of the CUDA units (cuda_dev.cpp, plain C++)
 

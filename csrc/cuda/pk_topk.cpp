@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../limits.h"
 #include "glue.h"
 
 namespace midus {
@@ -45,8 +46,8 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_backward_cuda(const at::Tensor& grad_
               q_in.device(), ", ", indices_in.device());
   TORCH_CHECK(is_float_type(grad_scores_in.scalar_type()), "pk_topk_backward: grad_scores must be a float tensor, got ",
               grad_scores_in.scalar_type());
-  TORCH_CHECK(n <= pk_topk_cuda_max_n(), "pk_topk_backward: subkeys has n = ", n,
-              " sub-keys per half, above the CUDA kernel's limit of n <= ", pk_topk_cuda_max_n());
+  TORCH_CHECK(n <= kPkMaxN, "pk_topk_backward: subkeys has n = ", n,
+              " sub-keys per half, above the CUDA kernel's limit of n <= ", kPkMaxN);
   TORCH_CHECK(H <= 65535, "pk_topk_backward: q has H = ", H, " heads, above the CUDA kernel's limit of 65535");
   const int64_t k = indices_in.size(2);
   const c10::cuda::CUDAGuard guard(q_in.device());

@@ -6,8 +6,6 @@
 
 namespace midus {
 
-int64_t pk_topk_cuda_max_n() { return kPkMaxN; }
-
 void pk_topk_backward_cuda_tu(FloatType t, int device, const void* g, bool g_native, const int64_t* idx,
                               const void* q, const void* sk, void* grad_q, void* grad_k, int64_t N, int64_t H,
                               int64_t half, int64_t n, int64_t k) {
