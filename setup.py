@@ -74,6 +74,10 @@ def _announce(msg: str) -> None:
     """To stderr, and to the terminal too when stderr is not it: pip captures the build's output
     (shown with -v or on failure) but cannot capture /dev/tty. Without a terminal (CI), stderr only."""
     _log(msg)
+    _to_tty(msg)
+
+
+def _to_tty(msg: str) -> None:
     try:
         if os.isatty(sys.stderr.fileno()):
             return
@@ -238,8 +242,8 @@ def main():
     try:
         use_cuda, cuda_home, why = decide_build(os.environ, torch.version.cuda)
     except BuildConfigError as e:
-        _announce(f"error: {e}")
-        sys.exit(f"[midus setup] error: {e}")
+        _to_tty(f"error: {e}")
+        sys.exit(f"[midus setup] error: {e}")  # to stderr
     if use_cuda:
         os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
     from torch.utils import cpp_extension  # (reads CUDA_HOME at import)

@@ -84,6 +84,31 @@ def test_setup_py_refuses_a_bad_value_before_compiling(tmp_path):
     assert "MIDUS_BUILD='sometimes' is not one of auto, cuda, cpu" in r.stderr, r.stderr[-2000:]
 
 
+def test_the_decision_reaches_the_terminal_past_a_quiet_pip(setup_py, monkeypatch, capsys):
+    """pip captures the build's stderr (shown with -v); /dev/tty it cannot capture. Without a
+    terminal (CI) the line goes to stderr alone, silently."""
+    import io
+
+    tty = io.StringIO()
+    tty.close = lambda: None
+
+    def fake_open(path, mode="r", *a, **k):
+        assert path == "/dev/tty" and mode == "w"
+        return tty
+
+    monkeypatch.setattr(setup_py, "open", fake_open, raising=False)
+    setup_py._announce("building the CUDA extension (test)")
+    assert tty.getvalue() == "[midus setup] building the CUDA extension (test)\n"
+    assert "[midus setup] building the CUDA extension (test)" in capsys.readouterr().err
+
+    def no_tty(*a, **k):
+        raise OSError(6, "No such device or address")
+
+    monkeypatch.setattr(setup_py, "open", no_tty, raising=False)
+    setup_py._announce("no terminal")
+    assert "[midus setup] no terminal" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------
 # MAX_JOBS
 # ------------------------------------------------------------------------------------------------
