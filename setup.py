@@ -18,7 +18,7 @@ What is built (environment variables; docs/environment.md lists them all):
                        the available memory holds fewer jobs of MEM_PER_JOB_GIB each.
 
 The decision (CUDA or CPU, why, the arch list, MAX_JOBS) is printed to stderr, which pip shows only
-with `pip -v` (or when the build fails), and also to /dev/tty when there is a terminal, which pip
+with `pip -v` (or when the build fails), and also to /dev/tty when compiling on a terminal, which pip
 cannot capture, so a quiet `pip install` still says what it builds. It is also compiled into the
 extension (csrc/build_info.cpp, from a header this script generates under build/): after the build,
 `midus_ops.BUILD_INFO` says what the loaded extension was built with.
@@ -70,11 +70,18 @@ def _log(msg: str) -> None:
     print(f"[midus setup] {msg}", file=sys.stderr, flush=True)
 
 
+# The setup.py commands that compile (pip runs bdist_wheel or editable_wheel; the metadata step
+# before it, dist_info, compiles nothing and stays off the terminal, so a line shows once).
+BUILD_COMMANDS = ("build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop")
+
+
 def _announce(msg: str) -> None:
-    """To stderr, and to the terminal too when stderr is not it: pip captures the build's output
-    (shown with -v or on failure) but cannot capture /dev/tty. Without a terminal (CI), stderr only."""
+    """To stderr, and to the terminal too when this run compiles and stderr is not the terminal:
+    pip captures the build's output (shown with -v or on failure) but cannot capture /dev/tty.
+    Without a terminal (CI), stderr only."""
     _log(msg)
-    _to_tty(msg)
+    if any(a in BUILD_COMMANDS for a in sys.argv[1:]):
+        _to_tty(msg)
 
 
 def _to_tty(msg: str) -> None:

@@ -97,6 +97,10 @@ def test_the_decision_reaches_the_terminal_past_a_quiet_pip(setup_py, monkeypatc
         return tty
 
     monkeypatch.setattr(setup_py, "open", fake_open, raising=False)
+    monkeypatch.setattr(sys, "argv", ["setup.py", "dist_info", "--output-dir", "x"])  # pip's metadata step
+    setup_py._announce("metadata only")
+    assert tty.getvalue() == "" and "[midus setup] metadata only" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["setup.py", "bdist_wheel"])
     setup_py._announce("building the CUDA extension (test)")
     assert tty.getvalue() == "[midus setup] building the CUDA extension (test)\n"
     assert "[midus setup] building the CUDA extension (test)" in capsys.readouterr().err

@@ -7,7 +7,7 @@
 // Environment: MIDUS_OPS_CUDA_NO_TC=1 makes bf16/fp16 take the generic kernels too;
 // MIDUS_OPS_CUDA_FWD_TC_TILE=64|32 and MIDUS_OPS_CUDA_BWD_TC_TILE=32|16 force a tensor-core tile
 // configuration (cross-checks on one GPU); MIDUS_OPS_CUDA_INDEX_CHECK and MIDUS_OPS_CUDA_GEMM are
-// described in cuda_common.cuh and cuda_dev.cuh.
+// described in cuda_common.cuh and cuda_dev.cpp.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
