@@ -3,11 +3,20 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "limits.h"
+
 extern "C" {
 // Importing midus_ops._C loads this library, which runs the TORCH_LIBRARY registrations below.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* mod = PyModule_Create(&module_def);
+  // The CUDA kernels' limits, read by midus_ops.ops (the public op runs the reference beyond them).
+  if (mod != nullptr && (PyModule_AddIntConstant(mod, "CUDA_PK_TOPK_MAX_K", midus::kPkMaxK) < 0 ||
+                         PyModule_AddIntConstant(mod, "CUDA_PK_TOPK_MAX_N", midus::kPkMaxN) < 0)) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
 }
 }
 

@@ -15,12 +15,13 @@ Loss: mean next-token cross-entropy (nats) over disjoint windows of ``window`` t
 evaluation stream (:func:`midus.data.pack_sequences`; the tail is dropped), i.e. what
 :func:`midus.evaluate.perplexity` computes with ``stride == window``; NLL summed in float64.
 
-How the interventions work (``midus_ops`` layers and the modeling file are left untouched):
-:func:`memory_forward` recomputes a memory layer's forward from its own parameters with the same
-ops (``pk_topk``, softmax in fp32, ``hive_gather``) and lets a ``select`` function replace the
-slot indices and weights per (token, head); the analyses install it on the memory modules for the
-duration of a pass (:func:`override_memory`, instance attribute ``forward``). Without ``select``
-it gives the layer's output bit for bit (tested). It never updates the layers' usage statistics.
+How the interventions work (nothing is patched): every memory layer takes retrieval hooks
+(``register_retrieval_hook``, :mod:`midus_ops.layers`), called after its top-k and softmax and
+before the read-out. :func:`override_memory` registers one per memory module for the duration of a
+pass, through which a ``select`` function replaces the slot indices and weights per (token, head)
+and a ``record`` callback sees them; :func:`memory_forward` does the same for one call. Without
+``select`` the output is the layer's bit for bit (tested). The layers' usage statistics are not
+updated meanwhile.
 Zeroing a head sets its k weights to 0, so its read-out is exactly zero; with ``out_proj="none"``
 and every head of a block zeroed the block is exactly the identity (docs/design.md §3.1).
 
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory, hive_gather, pk_topk
+from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory
 
 from .placement import replace_layer_input
 
@@ -103,7 +104,7 @@ def _kind(memory: Memory) -> str:
     return "hml" if isinstance(memory, HeadwiseMemoryLayer) else "pkm"
 
 
-# ----------------------------------------------------------------------------- the replacement forward
+# ----------------------------------------------------------------------------- interventions
 
 
 def _softmax_dtype(dt: torch.dtype) -> torch.dtype:
@@ -111,26 +112,47 @@ def _softmax_dtype(dt: torch.dtype) -> torch.dtype:
     return torch.float64 if dt == torch.float64 else torch.float32
 
 
-def _query(memory: Memory, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, ...]]:
-    """The memory's per-head queries [N, H, d_k] and the leading shape of ``x``."""
-    if isinstance(memory, HeadwiseMemoryLayer):
-        H, dh = memory.num_heads, memory.head_dim
-        if x.dim() < 2 or x.shape[-2:] != (H, dh):
-            raise ValueError(f"HeadwiseMemoryLayer expects input [..., {H}, {dh}], got {tuple(x.shape)}")
-        q = x.reshape(-1, H, dh)
-        if memory.query_norm is not None:
-            q = memory.query_norm(q)
-        return q, tuple(x.shape[:-2])
-    if x.dim() < 1 or x.shape[-1] != memory.d_model:
-        raise ValueError(f"ProductKeyMemory expects input [..., {memory.d_model}], got {tuple(x.shape)}")
-    # through the module, as the layer does (offloading hooks load its weight for its forward)
-    q = memory.query(x.reshape(-1, memory.d_model)).view(-1, memory.num_heads, memory.d_k)
-    return q, tuple(x.shape[:-1])
+def _retrieval_hook(select: Optional[Select], record: Optional[Callable[[torch.Tensor, torch.Tensor], None]]):
+    def hook(layer, q, scores, idx, w):
+        if select is not None:
+            idx, w = select(q, scores, idx, w)
+        if record is not None:
+            record(idx, w)
+        return (idx, w) if select is not None else None
+    return hook
+
+
+@contextmanager
+def override_memory(modules: Dict[Memory, Optional[Select]],
+                    record: Optional[Dict[Memory, Callable[[torch.Tensor, torch.Tensor], None]]] = None):
+    """Within the block, each given memory module's retrieval goes through its ``select``
+    (``select(q, scores, indices, weights) -> (indices, weights)``, all [N, H, k], q [N, H, d_k],
+    weights fp32 or fp64 for fp64 input; None: the learned retrieval) and its ``record`` callback
+    sees the (possibly replaced) ``(indices, weights)`` of every call; a retrieval hook of the
+    layer (``register_retrieval_hook``), removed on exit (also on error). The usage statistics of
+    the modules are not updated meanwhile. Forward hooks on the modules still run."""
+    record = record or {}
+    handles, tracking = [], {}
+    try:
+        for module, select in modules.items():
+            if not isinstance(module, (HeadwiseMemoryLayer, ProductKeyMemory)):
+                raise TypeError(f"override_memory takes HeadwiseMemoryLayer / ProductKeyMemory modules, got "
+                                f"{type(module).__name__}")
+            tracking[module] = module.track_stats
+            module.track_stats = False
+            handles.append(module.register_retrieval_hook(_retrieval_hook(select, record.get(module))))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, was in tracking.items():
+            module.track_stats = was
 
 
 def memory_forward(memory: Memory, x: torch.Tensor, select: Optional[Select] = None,
                    record: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> torch.Tensor:
-    """The forward of ``memory`` recomputed from its own parameters, with optional overrides.
+    """``memory(x)`` with its retrieval replaced by ``select`` and shown to ``record``
+    (:func:`override_memory` for one call).
 
     Args:
         memory: a :class:`~midus_ops.HeadwiseMemoryLayer` (x [..., H, d_h] -> [..., H, d_h]) or a
@@ -140,51 +162,11 @@ def memory_forward(memory: Memory, x: torch.Tensor, select: Optional[Select] = N
             (q [N, H, d_k]; weights fp32, or fp64 for fp64 input): replaces the retrieval.
         record: called with the (possibly replaced) ``(indices, weights)`` of every call.
 
-    Same ops as the layer (docs/design.md §2.1 / §2.2): ``pk_topk``, ``softmax(scores / tau)`` in fp32,
-    ``hive_gather``; without ``select`` the output equals ``memory(x)`` bit for bit. The layer's
-    usage statistics are not updated. Raises ValueError for an input of the wrong shape.
+    Without ``select`` the output equals ``memory(x)`` bit for bit. The layer's usage statistics
+    are not updated. Raises ValueError for an input of the wrong shape.
     """
-    q, lead = _query(memory, x)
-    dt = q.dtype
-    scores, idx = pk_topk(q, memory.subkeys.to(dt), memory.k)
-    w = memory.topk_weights(scores)
-    if select is not None:
-        idx, w = select(q, scores, idx, w)
-    if record is not None:
-        record(idx, w)
-    if isinstance(memory, HeadwiseMemoryLayer):
-        r = hive_gather(w.to(dt), idx, memory.bank.to(dt), memory.proj.to(dt), deterministic=memory.deterministic)
-        return r.reshape(*lead, memory.num_heads, memory.head_dim)
-    N, bag = q.shape[0], memory.num_heads * memory.k
-    out = hive_gather(w.to(dt).reshape(N, 1, bag), idx.reshape(N, 1, bag), memory.values.to(dt), None,
-                      deterministic=memory.deterministic)
-    return out.reshape(*lead, memory.d_out)
-
-
-@contextmanager
-def override_memory(modules: Dict[Memory, Optional[Select]],
-                    record: Optional[Dict[Memory, Callable[[torch.Tensor, torch.Tensor], None]]] = None):
-    """Within the block, each given memory module runs :func:`memory_forward` with its ``select``
-    (None: the learned retrieval) and its ``record`` callback; the class forward is restored on exit
-    (also on error). Forward hooks on the modules still run."""
-    record = record or {}
-    patched = []
-    try:
-        for module, select in modules.items():
-            if "forward" in module.__dict__:
-                raise RuntimeError(f"{type(module).__name__} already has an overridden forward (nested override?)")
-
-            # token_mask (the padding mask a MIDUS block passes) only steers the usage
-            # statistics, which memory_forward leaves alone
-            def forward(x, token_mask=None, *, _m=module, _s=select, _r=record.get(module)):
-                return memory_forward(_m, x, _s, _r)
-
-            module.forward = forward
-            patched.append(module)
-        yield
-    finally:
-        for module in patched:
-            del module.forward
+    with override_memory({memory: select}, {memory: record} if record is not None else None):
+        return memory(x)
 
 
 def zero_heads(heads: Iterable[int]) -> Select:

@@ -48,7 +48,7 @@ def _log(msg: str) -> None:
 
 # Shared with the other commands and the pipeline (midus.runtime); the old private names stay
 # importable from here.
-from .runtime import atomic_output_dir, load_model  # noqa: E402
+from .runtime import atomic_output_dir, debug_enabled, load_model  # noqa: E402
 from .runtime import check_output as _check_output  # noqa: E402
 from .runtime import count_parameters as _count  # noqa: E402
 from .runtime import parse_placement as _parse_placement  # noqa: E402
@@ -82,7 +82,9 @@ def _autocast_dtype(device):
 
 def _memory_options(args) -> dict:
     opts = {}
-    for key in ("memory", "out_proj", "n", "k", "d_z", "tau", "query_norm", "learn_tau", "pkm_heads", "pkm_d_k"):
+    # the fields of midus_ops.MemoryOptions, which upscale builds from them (and validates)
+    for key in ("memory", "out_proj", "n", "k", "d_z", "tau", "query_norm", "learn_tau", "pkm_heads", "pkm_d_k",
+                "deterministic"):
         value = getattr(args, key, None)
         if value is not None:
             opts[key] = value
@@ -405,7 +407,9 @@ def _add_upscale_args(p, required_output: bool) -> None:
     g.add_argument("--calibration-tokens", type=int, default=2048,
                    help="with --placement importance: tokens of the --data train split it is measured on "
                         "(default: 2048)")
-    m = p.add_argument_group("memory options (method midus; defaults: docs/design.md §2.1)")
+    # The defaults in these help texts are midus_ops.MemoryOptions's (a test holds them equal); they
+    # are written out so that --help imports nothing heavy.
+    m = p.add_argument_group("memory options (method midus; defaults: midus_ops.MemoryOptions, docs/design.md §2.1)")
     m.add_argument("--memory", choices=["hml", "pkm"], help="memory kind (default: hml)")
     m.add_argument("--out-proj", dest="out_proj", choices=["none", "copy"], help="HML output projection (default: none)")
     m.add_argument("--n", type=int, help="sub-keys per half, n*n slots (default: 32)")
@@ -417,6 +421,9 @@ def _add_upscale_args(p, required_output: bool) -> None:
                    help="a learned softmax temperature per memory head, starting at --tau (default: fixed tau)")
     m.add_argument("--pkm-heads", dest="pkm_heads", type=int, help="PKM memory heads (default: 4)")
     m.add_argument("--pkm-d-k", dest="pkm_d_k", type=int, help="PKM query width per head (default: 128)")
+    m.add_argument("--deterministic", action="store_const", const=True, default=None,
+                   help="hive_gather's deterministic mode: a bitwise reproducible backward, slower on CUDA "
+                        "(default: False); saved in the model's config")
     g = p.add_argument_group("LESA options (method lesa; defaults: midus.lesa.LESA_DEFAULTS)")
     g.add_argument("--lesa-rank", dest="lesa_rank", type=int,
                    help="singular directions the MLP predicts; the rest take the neighbours' mean (default: 64)")
@@ -618,7 +625,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.num_blocks = len(placement) if isinstance(placement, list) else 8
         return args.func(args)
     except (CLIError, FileNotFoundError, ValueError, TypeError) as err:
-        if os.environ.get("MIDUS_DEBUG"):
+        if debug_enabled():
             raise
         print(f"midus {args.command}: error: {err}", file=sys.stderr)
         return 1

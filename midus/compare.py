@@ -135,16 +135,15 @@ class CompareConfig:
             raise ValueError(f"recipe: unknown fields {bad}; expected some of {', '.join(RECIPE_FIELDS)}")
         TrainConfig(**self.recipe)  # validates the values, naming the field
         if self.memory_options:
-            from .modeling_midus import _check_memory_options
+            from midus_ops import MemoryOptions
 
-            _check_memory_options(dict(self.memory_options))
+            MemoryOptions.from_dict(self.memory_options)  # validates, naming the option
 
 
 def _experiment(name: str, cfg: CompareConfig, lr: Optional[float], seed: int, tasks: bool, curve: bool):
     """The pipeline experiment of one run of method ``name`` (lr None: no training)."""
-    from .pipeline import Experiment
+    from .pipeline import Experiment, curve_steps
     from .runtime import parse_placement
-    from .study import curve_steps
 
     method, options, _ = METHODS[name]
     options = dict(options)

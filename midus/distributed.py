@@ -71,9 +71,11 @@ def init_fsdp() -> torch.device:
     if not dist.is_available():
         raise ValueError("fsdp: this torch was built without torch.distributed")
     cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    from .runtime import missing_torchrun_vars, torchrun_env
+
+    local = torchrun_env()[2]
     if not dist.is_initialized():
-        missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        missing = missing_torchrun_vars()
         if missing:
             raise ValueError(f"fsdp: no process group (not initialized, and {', '.join(missing)} not set): "
                              f"{_LAUNCH_HINT}")

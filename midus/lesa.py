@@ -41,53 +41,86 @@ Choices of this project, marked [project] (the paper and code do not say, or say
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
-from typing import Any, Dict, List, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["LESA_DEFAULTS", "check_lesa_options", "predict_layers", "coefficient_blocks"]
+__all__ = ["LesaOptions", "LESA_DEFAULTS", "check_lesa_options", "predict_layers", "coefficient_blocks"]
 
-LESA_DEFAULTS: Dict[str, Any] = {
-    "rank": 64,            # [project] top singular directions predicted by the MLP; None = all (official code)
-    "hidden": 256,         # MLP width (paper / code)
-    "epochs": 5,           # paper text (code: 10)
-    "batch_size": 64,      # code
-    "lr": 1e-3,            # code (AdamW, torch's default weight decay 0.01)
-    "norm_weight": 5e-5,   # lambda of the norm loss, paper text (code: 5e-4)
-    "seed": 0,
-    "last": "extrapolate",  # [project] a block after the last layer: "extrapolate" | "copy"
-}
+
+@dataclass(frozen=True)
+class LesaOptions:
+    """The options of LESA's layer prediction (immutable; validated on creation). Sources: the
+    paper's text (arXiv 2502.13794), its official code, or [project] where neither fixes them.
+
+    Fields: ``rank`` top singular directions predicted by the MLP, None = all (official code)
+    [project] 64; ``hidden`` MLP width (paper / code) 256; ``epochs`` (paper text; code: 10) 5;
+    ``batch_size`` (code) 64; ``lr`` AdamW, torch's default weight decay 0.01 (code) 1e-3;
+    ``norm_weight`` lambda of the norm loss in [0, 1] (paper text; code: 5e-4) 5e-5; ``seed`` 0;
+    ``last``: a block after the last layer, "extrapolate" or "copy" [project] "extrapolate".
+
+    Raises ValueError naming the field with a bad value, TypeError for an unknown field
+    (:meth:`from_dict`).
+    """
+
+    rank: Optional[int] = 64
+    hidden: int = 256
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    norm_weight: float = 5e-5
+    seed: int = 0
+    last: str = "extrapolate"
+
+    def __post_init__(self):
+        for key in ("hidden", "epochs", "batch_size"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{key} must be a positive int, got {v!r}")
+        rank = self.rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be a positive int or None (all singular directions), got {rank!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        for key in ("lr", "norm_weight"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{key} must be a finite number, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.norm_weight <= 1:
+            raise ValueError(f"norm_weight must be in [0, 1], got {self.norm_weight!r}")
+        if self.last not in ("extrapolate", "copy"):
+            raise ValueError(f"last must be 'extrapolate' or 'copy', got {self.last!r}")
+
+    @classmethod
+    def from_dict(cls, options: Optional[Mapping[str, Any]] = None, **more: Any) -> "LesaOptions":
+        """From a mapping of fields, missing ones at their defaults. Raises TypeError naming unknown ones."""
+        opts = {**(options or {}), **more}
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(opts) - set(known)
+        if unknown:
+            raise TypeError(f"unknown lesa option(s) {sorted(unknown)}; known options: {sorted(known)}")
+        return cls(**opts)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The dict view of the defaults, for code that reads it.
+LESA_DEFAULTS: Dict[str, Any] = LesaOptions().to_dict()
 
 
 def check_lesa_options(opts: Mapping[str, Any]) -> Dict[str, Any]:
-    """Fill ``LESA_DEFAULTS`` and validate. Raises TypeError naming unknown options, ValueError naming
-    the option with a bad value."""
-    unknown = set(opts) - set(LESA_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown lesa option(s) {sorted(unknown)}; known options: {sorted(LESA_DEFAULTS)}")
-    out = {**LESA_DEFAULTS, **opts}
-    for key in ("hidden", "epochs", "batch_size"):
-        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
-            raise ValueError(f"{key} must be a positive int, got {out[key]!r}")
-    rank = out["rank"]
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be a positive int or None (all singular directions), got {rank!r}")
-    if isinstance(out["seed"], bool) or not isinstance(out["seed"], int):
-        raise ValueError(f"seed must be an int, got {out['seed']!r}")
-    for key in ("lr", "norm_weight"):
-        if isinstance(out[key], bool) or not isinstance(out[key], (int, float)) or not math.isfinite(out[key]):
-            raise ValueError(f"{key} must be a finite number, got {out[key]!r}")
-    if not out["lr"] > 0:
-        raise ValueError(f"lr must be > 0, got {out['lr']!r}")
-    if not 0 <= out["norm_weight"] <= 1:
-        raise ValueError(f"norm_weight must be in [0, 1], got {out['norm_weight']!r}")
-    if out["last"] not in ("extrapolate", "copy"):
-        raise ValueError(f"last must be 'extrapolate' or 'copy', got {out['last']!r}")
-    return out
+    """Fill the defaults and validate (:class:`LesaOptions`): the options as a dict. Raises TypeError
+    naming unknown options, ValueError naming the option with a bad value."""
+    return LesaOptions.from_dict(opts).to_dict()
 
 
 def coefficient_blocks(mats: Sequence[torch.Tensor]):

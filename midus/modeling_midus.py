@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import importlib
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -44,11 +44,11 @@ except ImportError:  # transformers 4.x
     from transformers import PretrainedConfig as _BaseConfig
 
 try:  # transformers' import check skips try blocks, so the error below is the one users see
-    from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory
+    from midus_ops import HeadwiseMemoryLayer, MemoryOptions, ProductKeyMemory
     from midus_ops.layers import _UsageStats
 except ImportError as _err:
     raise ImportError("this MIDUS model needs the `midus_ops` memory layers, which the `midus` package provides: "
-                      "install it from its repository with `pip install --no-build-isolation .` "
+                      "install (or update) it from its repository with `pip install --no-build-isolation .` "
                       f"(import failed: {_err})") from _err
 
 __all__ = ["MidusConfig", "MidusForCausalLM", "MidusPreTrainedModel", "MidusMemoryBlock", "SUPPORTED_FAMILIES",
@@ -68,19 +68,9 @@ _FAMILY_CLASS_NAMES: Dict[str, Dict[str, str]] = {"gemma3_text": {"Model": "Gemm
 # stream (Gemma 3's post_attention_layernorm; Llama's layer of that name is the pre-FFN norm).
 _POST_ATTENTION_NORM_FAMILIES = ("gemma3_text",)
 
-# Memory options of a MIDUS block and their defaults (docs/design.md §2.1 [project] defaults, §3.1).
-MEMORY_DEFAULTS: Dict[str, Any] = {
-    "memory": "hml",      # "hml" (HeadwiseMemoryLayer over the heads' outputs) or "pkm" (ProductKeyMemory)
-    "out_proj": "none",   # HML: "none" (paper) or "copy" (a clone of the source layer's o_proj)
-    "n": 32,              # sub-keys per half: n*n slots
-    "k": 16,              # slots read per (token, head)
-    "d_z": 256,           # HML latent bank width
-    "tau": 1.0,           # softmax temperature
-    "query_norm": "none",  # HML query normalisation: "none" or "rms"
-    "learn_tau": False,   # a learned softmax temperature per head (log_tau, initialised at log(tau))
-    "pkm_heads": 4,       # PKM memory heads
-    "pkm_d_k": 128,       # PKM query width per head
-}
+# Memory options of a MIDUS block and their defaults: midus_ops.MemoryOptions owns them (docs/design.md
+# §2.1 [project] defaults, §3.1); this dict view stays for code that reads it.
+MEMORY_DEFAULTS: Dict[str, Any] = MemoryOptions().to_dict()
 
 
 def family_classes(model_type: str) -> SimpleNamespace:
@@ -100,32 +90,8 @@ def family_classes(model_type: str) -> SimpleNamespace:
 
 
 def _check_memory_options(opts: Dict[str, Any]) -> Dict[str, Any]:
-    """Fill defaults and validate; errors name the option."""
-    unknown = set(opts) - set(MEMORY_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown memory option(s) {sorted(unknown)}; known options: {sorted(MEMORY_DEFAULTS)}")
-    out = {**MEMORY_DEFAULTS, **opts}
-    if out["memory"] not in ("hml", "pkm"):
-        raise ValueError(f"memory must be 'hml' or 'pkm', got {out['memory']!r}")
-    if out["out_proj"] not in ("none", "copy"):
-        raise ValueError(f"out_proj must be 'none' or 'copy', got {out['out_proj']!r}")
-    if out["memory"] == "pkm" and out["out_proj"] != "none":
-        raise ValueError("out_proj='copy' applies to memory='hml' only (the pkm block keeps the cloned o_proj "
-                         "inside its attention)")
-    if out["query_norm"] not in ("none", "rms"):
-        raise ValueError(f"query_norm must be 'none' or 'rms', got {out['query_norm']!r}")
-    for key in ("n", "k", "d_z", "pkm_heads", "pkm_d_k"):
-        # numpy and other integer types are taken as ints (converted: the config is JSON)
-        if isinstance(out[key], bool) or not hasattr(type(out[key]), "__index__") or out[key] < 1:
-            raise ValueError(f"{key} must be a positive int, got {out[key]!r}")
-        out[key] = int(out[key])
-    if out["k"] > out["n"]:
-        raise ValueError(f"k must satisfy 1 <= k <= n = {out['n']}, got k = {out['k']}")
-    if not float(out["tau"]) > 0:
-        raise ValueError(f"tau must be > 0, got {out['tau']!r}")
-    if not isinstance(out["learn_tau"], bool):
-        raise ValueError(f"learn_tau must be True or False, got {out['learn_tau']!r}")
-    return out
+    """Fill defaults and validate (:class:`midus_ops.MemoryOptions`); errors name the option."""
+    return MemoryOptions.from_dict(opts).to_dict()
 
 
 class MidusConfig(_BaseConfig):
@@ -137,8 +103,10 @@ class MidusConfig(_BaseConfig):
             ``num_hidden_layers`` counts base layers and memory blocks, its ``layer_types`` (when the
             family has them) gives each position's attention type.
         memory_positions: indices in that stack of the memory blocks (each follows its source layer).
-        memory, out_proj, n, k, d_z, tau, query_norm, pkm_heads, pkm_d_k, learn_tau: the memory options, see
-            ``MEMORY_DEFAULTS`` (docs/design.md §2.1, §3.1).
+        memory, out_proj, n, k, d_z, tau, query_norm, pkm_heads, pkm_d_k, learn_tau, deterministic: the
+            memory options, see :class:`midus_ops.MemoryOptions` (docs/design.md §2.1, §3.1); stored as
+            fields, so that config.json keeps them flat (folders saved before ``deterministic``
+            existed load with its default, False). :meth:`get_memory_options` returns them as one object.
         midus_upscale: the record written by ``midus.upscale`` (method, K, placement, positions).
 
     ``get_text_config()`` returns ``text_config``; generation, caches and masks read it.
@@ -148,10 +116,12 @@ class MidusConfig(_BaseConfig):
     sub_configs = {"text_config": AutoConfig}
 
     def __init__(self, text_config=None, memory_positions: Optional[List[int]] = None,
-                 memory: str = "hml", out_proj: str = "none",
-                 n: int = 32, k: int = 16, d_z: int = 256, tau: float = 1.0, query_norm: str = "none",
-                 pkm_heads: int = 4, pkm_d_k: int = 128, midus_upscale: Optional[dict] = None,
-                 learn_tau: bool = False, **kwargs):
+                 memory: str = MemoryOptions.memory, out_proj: str = MemoryOptions.out_proj,
+                 n: int = MemoryOptions.n, k: int = MemoryOptions.k, d_z: int = MemoryOptions.d_z,
+                 tau: float = MemoryOptions.tau, query_norm: str = MemoryOptions.query_norm,
+                 pkm_heads: int = MemoryOptions.pkm_heads, pkm_d_k: int = MemoryOptions.pkm_d_k,
+                 midus_upscale: Optional[dict] = None, learn_tau: bool = MemoryOptions.learn_tau,
+                 deterministic: bool = MemoryOptions.deterministic, **kwargs):
         if isinstance(text_config, dict):
             text_config = dict(text_config)
             text_config = AutoConfig.for_model(text_config.pop("model_type", "llama"), **text_config)
@@ -162,7 +132,7 @@ class MidusConfig(_BaseConfig):
         self.memory_positions = [int(p) for p in (memory_positions or [])]
         opts = _check_memory_options(dict(memory=memory, out_proj=out_proj, n=n, k=k, d_z=d_z, tau=tau,
                                           query_norm=query_norm, pkm_heads=pkm_heads, pkm_d_k=pkm_d_k,
-                                          learn_tau=learn_tau))
+                                          learn_tau=learn_tau, deterministic=deterministic))
         for key, value in opts.items():
             setattr(self, key, value)
         self.midus_upscale = midus_upscale
@@ -182,8 +152,12 @@ class MidusConfig(_BaseConfig):
 
     @property
     def memory_options(self) -> Dict[str, Any]:
-        """The memory options as a dict (keys of ``MEMORY_DEFAULTS``)."""
-        return {key: getattr(self, key) for key in MEMORY_DEFAULTS}
+        """The memory options as a dict (the fields of :class:`midus_ops.MemoryOptions`)."""
+        return self.get_memory_options().to_dict()
+
+    def get_memory_options(self) -> MemoryOptions:
+        """The memory options as a :class:`midus_ops.MemoryOptions`."""
+        return MemoryOptions(**{key: getattr(self, key, default) for key, default in MEMORY_DEFAULTS.items()})
 
 
 def _text_config_field(name: str) -> property:
@@ -274,12 +248,12 @@ class MidusMemoryBlock(GradientCheckpointingLayer):
     Input and output: hidden states [B, T, d], dtype of the model.
     """
 
-    def __init__(self, config, layer_idx: int, memory_options: Dict[str, Any]):
+    def __init__(self, config, layer_idx: int, memory_options: Union[MemoryOptions, Dict[str, Any]]):
         super().__init__()
         fam = family_classes(config.model_type)
-        opts = _check_memory_options(dict(memory_options))
+        opts = memory_options if isinstance(memory_options, MemoryOptions) else MemoryOptions.from_dict(memory_options)
         self.layer_idx = layer_idx
-        self.memory_kind = opts["memory"]
+        self.memory_kind = opts.memory
         # transformers 4.x Qwen2/3 models pick each layer's mask through `layer.attention_type`.
         layer_types = getattr(config, "layer_types", None)
         self.attention_type = layer_types[layer_idx] if layer_types else "full_attention"
@@ -291,18 +265,14 @@ class MidusMemoryBlock(GradientCheckpointingLayer):
         self.out_proj = None
         if self.memory_kind == "hml":
             o_proj = self.self_attn._modules.pop("o_proj")  # the family's o_proj (bias or not)
-            if opts["out_proj"] == "copy":
+            if opts.out_proj == "copy":
                 self.out_proj = o_proj
-            self.memory = HeadwiseMemoryLayer(self.num_heads, self.head_dim, n=opts["n"], k=opts["k"],
-                                              d_z=opts["d_z"], tau=opts["tau"], query_norm=opts["query_norm"],
-                                              learn_tau=opts["learn_tau"])
+            self.memory = HeadwiseMemoryLayer.from_options(self.num_heads, self.head_dim, opts)
         else:
             if config.model_type in _POST_ATTENTION_NORM_FAMILIES:
                 # a = x + post_norm(Attn(norm(x))), as the source layer computes it (cloned with it)
                 self.post_attention_layernorm = fam.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.memory = ProductKeyMemory(config.hidden_size, num_heads=opts["pkm_heads"], n=opts["n"],
-                                           k=opts["k"], d_k=opts["pkm_d_k"], tau=opts["tau"], value_init="zeros",
-                                           learn_tau=opts["learn_tau"])
+            self.memory = ProductKeyMemory.from_options(config.hidden_size, opts, value_init="zeros")
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
                 position_embeddings=None, **kwargs) -> torch.Tensor:
@@ -417,7 +387,7 @@ class MidusForCausalLM(MidusPreTrainedModel, GenerationMixin):
         super().__init__(config)
         text = config.text_config
         self.model = _stack_model_class(text.model_type)(text)
-        opts = config.memory_options
+        opts = config.get_memory_options()
         for p in config.memory_positions:
             # Replaces the full decoder layer the family model built at p (its weights are unused).
             self.model.layers[p] = MidusMemoryBlock(text, p, opts)

@@ -26,7 +26,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from .runtime import count_parameters, load_model, peak_memory, pick_device
 
-__all__ = ["Experiment", "run_experiment", "experiment_dict"]
+__all__ = ["Experiment", "run_experiment", "experiment_dict", "curve_steps"]
+
+
+def curve_steps(steps: int, points: int) -> List[int]:
+    """Step 0 and ``points`` checkpoints spread evenly up to ``steps`` (the last is ``steps``): the
+    learning-curve steps of ``midus study`` and ``midus compare --curves``."""
+    return sorted({0} | {max(1, round(steps * i / points)) for i in range(1, points + 1)})
 
 
 @dataclass

@@ -20,13 +20,40 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 MiB = 2.0 ** 20
 
-__all__ = ["UsageError", "rng_state", "set_rng_state", "add_data_arguments", "eval_split", "resolve_model_path",
+__all__ = ["UsageError", "debug_enabled", "torchrun_env", "missing_torchrun_vars", "results_dir_env", "rng_state", "set_rng_state", "add_data_arguments", "eval_split", "resolve_model_path",
            "load_model", "pick_device", "count_parameters", "parse_placement", "check_output", "atomic_output_dir",
            "MODEL_FILE_PATTERNS", "peak_memory"]
 
 
 class UsageError(Exception):
     """A user error (a bad argument or input): the commands print it as one line, exit status 1."""
+
+
+# ----------------------------------------------------------------------------- environment
+# The package's own environment variables are read here, one reader each (docs/environment.md);
+# midus_ops reads its own in midus_ops/ops.py, and the cache folder is midus.defaults's.
+
+
+def debug_enabled() -> bool:
+    """``MIDUS_DEBUG`` set (any non-empty value): user errors raise with their traceback."""
+    return bool(os.environ.get("MIDUS_DEBUG"))
+
+
+def torchrun_env() -> tuple:
+    """(rank, world_size, local_rank) from the ``torchrun`` variables ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``; (0, 1, 0) when unset (one process)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def missing_torchrun_vars() -> List[str]:
+    """The variables a process group needs (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) that are unset."""
+    return [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+
+
+def results_dir_env() -> Optional[str]:
+    """``OUT``: the benchmark results folder when ``--out`` is not given (None when unset or empty)."""
+    return os.environ.get("OUT") or None
 
 
 def add_data_arguments(p, split_help: Optional[str]) -> None:

@@ -106,11 +106,6 @@ def _check(cfg: Dict[str, Any]) -> None:
         raise ValueError(f"--seq-len and --window must be >= 2, got {cfg['seq_len']}, {cfg['window']}")
 
 
-def curve_steps(steps: int, points: int) -> List[int]:
-    """Step 0 and ``points`` checkpoints spread evenly up to ``steps`` (the last is ``steps``)."""
-    return sorted({0} | {max(1, round(steps * i / points)) for i in range(1, points + 1)})
-
-
 def _runs(cfg: Dict[str, Any]) -> List[Dict[str, Any]]:
     runs = []
     for seed in range(cfg["seeds"]):
@@ -122,7 +117,7 @@ def _runs(cfg: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def _experiment(cfg: Dict[str, Any], run: Dict[str, Any]):
-    from .pipeline import Experiment
+    from .pipeline import Experiment, curve_steps
 
     train = {"max_steps": cfg["steps"], "micro_batch_size": cfg["batch_size"], "lr": cfg["lr"],
              "warmup_steps": cfg["warmup"], "trainable": "new"}

@@ -83,9 +83,12 @@ class TrainResult:
 def dist_info():
     """(rank, world_size, local_rank): from torch.distributed if initialized, else the torchrun
     environment variables, else (0, 1, 0)."""
+    from .runtime import torchrun_env
+
+    rank, world, local = torchrun_env()
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        return dist.get_rank(), dist.get_world_size(), local
+    return rank, world, local
 
 
 def init_distributed() -> torch.device:

@@ -14,11 +14,11 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Union
 import torch
 from transformers import PreTrainedModel
 
-from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory
+from midus_ops import HeadwiseMemoryLayer, MemoryOptions, ProductKeyMemory
 
 from .constants import DEFAULT_PLACEMENT, KEY_VALUE_PARAMETER_NAMES, METHODS, PLACEMENTS
 from .deus import DEUS_METHODS, check_deus_options
-from .lesa import check_lesa_options, predict_layers
+from .lesa import LesaOptions, check_lesa_options, predict_layers
 from .modeling_midus import MidusConfig, MidusForCausalLM, _check_memory_options, family_classes
 
 __all__ = ["upscale", "placement_indices", "solar_layer_order", "new_parameter_names", "memory_parameter_names",
@@ -275,7 +275,8 @@ def _layer_plan(method: str, L: int, num_blocks: Optional[int], placement: Place
 
 def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = None,
             placement: Optional[Placement] = None, *, calibration: Optional[torch.Tensor] = None,
-            importance: str = "layer", **memory_options: Any) -> PreTrainedModel:
+            importance: str = "layer", memory: Union[str, MemoryOptions, None] = None,
+            lesa: Optional[LesaOptions] = None, **memory_options: Any) -> PreTrainedModel:
     """Depth up-scale ``model`` by K new blocks; returns a NEW model, ``model`` is left untouched.
 
     MIDUS (arXiv 2512.13751) sec. 3; docs/design.md §3.1-3.3.
@@ -302,10 +303,14 @@ def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = Non
         calibration: int64 token ids (a 1-D stream or [B, T] windows) for placement="importance".
         importance: what placement="importance" measures: "layer" (skip the layer, default) or
             "heads" (remove each attention head on its own; the layer's score is the sum).
-        **memory_options: method="midus": memory ("hml" | "pkm"), out_proj ("none" | "copy"),
-            n, k, d_z, tau, query_norm, learn_tau, pkm_heads, pkm_d_k (defaults in ``MEMORY_DEFAULTS``).
-            method="lesa": rank, hidden, epochs, batch_size, lr, norm_weight, seed, last
-            (defaults in ``midus.lesa.LESA_DEFAULTS``; recorded as ``midus_upscale["lesa_options"]``).
+        memory: method="midus": a :class:`midus_ops.MemoryOptions` (its fields, defaults and
+            validation), or the memory kind "hml" | "pkm" as before. None: the defaults.
+        lesa: method="lesa": a :class:`midus.lesa.LesaOptions`. None: the defaults.
+        **memory_options: the same options as keywords (still accepted; they override the fields of
+            ``memory`` / ``lesa`` when both are given). method="midus": out_proj ("none" | "copy"),
+            n, k, d_z, tau, query_norm, learn_tau, pkm_heads, pkm_d_k, deterministic (recorded as
+            ``midus_upscale["memory_options"]``). method="lesa": rank, hidden, epochs, batch_size,
+            lr, norm_weight, seed, last (recorded as ``midus_upscale["lesa_options"]``).
             method="avg_deus" / "opt_deus": identity (default True: zero the residual writers), and
             for opt_deus reg, max_iter (``midus.deus.OPT_DEUS_DEFAULTS``; recorded as
             ``midus_upscale["deus_options"]``).
@@ -336,6 +341,19 @@ def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = Non
     if num_blocks is not None:
         num_blocks = _check_int("num_blocks", num_blocks)  # recorded in the config: a Python int
     model_type = _family_of(model)
+    memory_options = dict(memory_options)
+    if isinstance(memory, MemoryOptions):
+        if method != "midus":
+            raise TypeError(f"memory (a MemoryOptions) applies to method='midus' only, got method={method!r}")
+        memory_options = {**memory.to_dict(), **memory_options}
+    elif memory is not None:
+        memory_options["memory"] = memory  # the kind, as a keyword option
+    if lesa is not None:
+        if not isinstance(lesa, LesaOptions):
+            raise TypeError(f"lesa must be a midus.lesa.LesaOptions or None, got {type(lesa).__name__}")
+        if method != "lesa":
+            raise TypeError(f"lesa options apply to method='lesa' only, got method={method!r}")
+        memory_options = {**lesa.to_dict(), **memory_options}
     if method not in ("midus", "lesa") + DEUS_METHODS and memory_options:
         raise TypeError(f"memory options {sorted(memory_options)} apply to method='midus' only (lesa, avg_deus and "
                         f"opt_deus take their own options; {method} takes none), got method={method!r}")

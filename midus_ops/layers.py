@@ -2,48 +2,86 @@
 from __future__ import annotations
 
 import math
-import operator
-from typing import Dict, Optional
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from .ops import hive_gather, pk_topk
+from . import ops as _ops
+from .options import MemoryOptions, check_bool, check_k, check_positive_int, check_tau
 
-__all__ = ["HeadwiseMemoryLayer", "ProductKeyMemory"]
+__all__ = ["HeadwiseMemoryLayer", "ProductKeyMemory", "MemoryOps", "MEMORY_OPS", "register_memory_ops",
+           "set_memory_ops", "use_memory_ops", "RetrievalHook"]
+
+
+class MemoryOps(NamedTuple):
+    """The two operators a memory layer calls, with :func:`midus_ops.pk_topk`'s and
+    :func:`midus_ops.hive_gather`'s signatures (``hive_gather`` takes ``deterministic`` and
+    ``check_indices`` keywords)."""
+    pk_topk: Callable
+    hive_gather: Callable
+
+
+# Implementations of the layers' operators by name, chosen per layer instance (``ops_implementation``),
+# the way transformers picks an attention function per model: baselines (e.g. the benchmarks'
+# eager PyTorch ops) register here instead of overwriting this module's names.
+MEMORY_OPS: Dict[str, MemoryOps] = {"midus_ops": MemoryOps(_ops.pk_topk, _ops.hive_gather)}
+
+
+def register_memory_ops(name: str, pk_topk: Callable, hive_gather: Callable) -> None:
+    """Make ``name`` selectable as a layer's ``ops_implementation`` (replaces an earlier registration
+    of the same name; "midus_ops" is the package's own and cannot be replaced). Raises ValueError."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    if name == "midus_ops":
+        raise ValueError("name 'midus_ops' is the package's own implementation and cannot be replaced")
+    MEMORY_OPS[name] = MemoryOps(pk_topk, hive_gather)
+
+
+def _check_ops_implementation(name: str) -> str:
+    if name not in MEMORY_OPS:
+        raise ValueError(f"ops_implementation must be one of {sorted(MEMORY_OPS)} (register_memory_ops adds more), "
+                         f"got {name!r}")
+    return name
+
+
+def set_memory_ops(module: nn.Module, name: str) -> Dict[nn.Module, str]:
+    """Set ``ops_implementation = name`` on every memory layer in ``module`` (itself included);
+    returns each layer's previous value. Raises ValueError for an unregistered name."""
+    _check_ops_implementation(name)
+    previous = {}
+    for m in module.modules():
+        if isinstance(m, (HeadwiseMemoryLayer, ProductKeyMemory)):
+            previous[m] = m.ops_implementation
+            m.ops_implementation = name
+    return previous
+
+
+@contextmanager
+def use_memory_ops(module: nn.Module, name: str) -> Iterator[nn.Module]:
+    """Within the block the memory layers of ``module`` run the operators registered as ``name``;
+    restored on exit (also on error)."""
+    previous = set_memory_ops(module, name)
+    try:
+        yield module
+    finally:
+        for m, old in previous.items():
+            m.ops_implementation = old
+
+
+# hook(layer, q [N, H, d_k], scores [N, H, k], indices [N, H, k], weights [N, H, k]) -> None (look
+# only) or (indices, weights): the retrieval the read-out uses instead.
+RetrievalHook = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                         Optional[Tuple[torch.Tensor, torch.Tensor]]]
 
 
 def _check_positive_ints(**values) -> tuple:
-    """The values as Python ints, in order; integer types such as numpy's are accepted (and
-    converted, so configs stay JSON), bools and floats are not."""
-    out = []
-    for name, v in values.items():
-        try:
-            i = operator.index(v) if not isinstance(v, bool) else None
-        except TypeError:
-            i = None
-        if i is None or i < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-        out.append(i)
-    return tuple(out)
-
-
-def _check_bool(**values) -> bool:
-    (name, v), = values.items()
-    if not isinstance(v, bool):
-        raise ValueError(f"{name} must be True or False, got {v!r}")
-    return v
-
-
-def _check_tau(tau) -> float:
-    try:
-        tau = float(tau)
-    except (TypeError, ValueError):
-        raise ValueError(f"tau must be a positive number, got {tau!r}") from None
-    if not tau > 0 or tau == float("inf"):
-        raise ValueError(f"tau must be a positive finite number, got {tau!r}")
-    return tau
+    """The values as Python ints, in order (:func:`midus_ops.options.check_positive_int`)."""
+    return tuple(check_positive_int(name, v) for name, v in values.items())
 
 
 def _check_token_mask(token_mask: Optional[torch.Tensor], lead: torch.Size, x: torch.Tensor) -> None:
@@ -191,7 +229,91 @@ class _UsageStats(nn.Module):
         }
 
 
-class HeadwiseMemoryLayer(nn.Module):
+def _check_hook_retrieval(idx: torch.Tensor, w: torch.Tensor, shape: torch.Size, slots: int) -> None:
+    if not isinstance(idx, torch.Tensor) or not isinstance(w, torch.Tensor):
+        raise TypeError("a retrieval hook must return None or (indices, weights) tensors")
+    if idx.shape != shape or w.shape != shape:
+        raise ValueError(f"a retrieval hook returned indices {tuple(idx.shape)} and weights {tuple(w.shape)}; "
+                         f"both must be {tuple(shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= slots):
+        raise IndexError(f"a retrieval hook returned indices outside [0, {slots}) (n * n slots): "
+                         f"min {int(idx.min())}, max {int(idx.max())}")
+
+
+class _MemoryLayer(nn.Module):
+    """What both memory layers share: the operator implementation, retrieval hooks, usage statistics."""
+
+    def _init_common(self, num_heads: int, num_slots: int, deterministic: bool, ops_implementation: str) -> None:
+        self.stats = _UsageStats(num_heads, num_slots)
+        self.track_stats = True
+        self.deterministic = check_bool("deterministic", deterministic)
+        self.ops_implementation = _check_ops_implementation(ops_implementation)
+        self._retrieval_hooks: Dict[int, RetrievalHook] = OrderedDict()
+
+    def register_retrieval_hook(self, hook: RetrievalHook) -> RemovableHandle:
+        """Call ``hook(layer, q, scores, indices, weights)`` in every forward, after the top-k and
+        its softmax and before the read-out: q [N, H, d_k] (the queries, after ``query_norm``),
+        scores / indices / weights [N, H, k] (weights fp32, or fp64 for fp64 input). Returning None
+        leaves the retrieval as it is; returning ``(indices, weights)`` (same shapes; indices int64 in
+        [0, n*n), checked) makes the read-out use them instead. Hooks run in registration order,
+        each seeing the previous one's result. The usage statistics record the retrieval after the
+        hooks. Returns a handle whose ``remove()`` unregisters the hook. Used by ``midus.analyze``."""
+        if not callable(hook):
+            raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        handle = RemovableHandle(self._retrieval_hooks)
+        self._retrieval_hooks[handle.id] = hook
+        return handle
+
+    def _retrieve(self, q: torch.Tensor, subkeys: torch.Tensor, token_mask: Optional[torch.Tensor]):
+        """Top-k, weights, hooks, statistics: (ops, indices, weights, whether a hook replaced them)."""
+        ops = MEMORY_OPS[self.ops_implementation]
+        scores, idx = ops.pk_topk(q, subkeys, self.k)
+        recording = self.track_stats and not self.training
+        w = self.topk_weights(scores, allow_16bit=not recording and not self._retrieval_hooks)
+        replaced = False
+        for hook in self._retrieval_hooks.values():
+            out = hook(self, q, scores, idx, w)
+            if out is not None:
+                idx, w = out
+                replaced = True
+        if replaced:  # before the statistics count them
+            _check_hook_retrieval(idx, w, scores.shape, self.n * self.n)
+        if recording:
+            self.stats.update(idx, w, token_mask)
+        return ops, idx, w, replaced
+
+    def __setstate__(self, state):
+        # Layers pickled by versions without these attributes (torch.save of a whole module).
+        state.setdefault("_retrieval_hooks", OrderedDict())
+        state.setdefault("ops_implementation", "midus_ops")
+        super().__setstate__(state)
+
+    def topk_weights(self, scores: torch.Tensor, allow_16bit: bool = False) -> torch.Tensor:
+        """softmax(scores / tau) over the last dim of ``scores`` [N, H, k], in fp32 (fp64 for fp64);
+        tau per head (``exp(log_tau)``) with ``learn_tau``. See :func:`_topk_weights` for the
+        16-bit inference path that ``allow_16bit`` permits."""
+        return _topk_weights(scores, self.tau if self.log_tau is None else self.log_tau.exp(), allow_16bit)
+
+    def memory_stats(self) -> Dict[str, torch.Tensor]:
+        """Usage since the last reset, per head (Lample et al. 2019, sec. 4.3).
+
+        Returns a dict of float64 tensors: ``slot_usage`` [H] fraction of the n*n slots read at
+        least once; ``kl_from_uniform`` [H] KL divergence (nats) of the slot-read distribution from
+        uniform; ``weight_entropy`` [H] mean entropy (nats) of the top-k softmax weights;
+        ``tokens`` [] tokens recorded. NaN where nothing has been recorded.
+        """
+        return self.stats.summary()
+
+    def reset_memory_stats(self) -> None:
+        self.stats.reset()
+
+    def _extra(self) -> str:
+        return ((", learn_tau=True" if self.log_tau is not None else "")
+                + (", deterministic=True" if self.deterministic else "")
+                + (f", ops_implementation={self.ops_implementation!r}" if self.ops_implementation != "midus_ops" else ""))
+
+
+class HeadwiseMemoryLayer(_MemoryLayer):
     """Head-wise Memory Layer (HML) with Head-wise Implicit Value Expansion (HIVE).
 
     MIDUS (arXiv 2512.13751) sec. 3; docs/design.md §2.1. Every attention head queries its own
@@ -214,6 +336,11 @@ class HeadwiseMemoryLayer(nn.Module):
         learn_tau: if True, each head learns its own temperature: a parameter ``log_tau`` [H]
             initialised at log(tau) (as CLIP learns its logit scale), so a head can sharpen or
             flatten its top-k weights. Default False (the fixed ``tau``).
+        deterministic: ``hive_gather``'s deterministic mode (bitwise reproducible backward). False.
+        ops_implementation: which registered operators run (:data:`MEMORY_OPS`; "midus_ops").
+
+    The defaults are :class:`~midus_ops.MemoryOptions`'s; :meth:`from_options` builds the layer
+    from one. :meth:`register_retrieval_hook` lets analyses look at or replace the retrieval.
 
     Parameters: ``subkeys`` [H, 2, n, d_h/2] ~ N(0, 1/d_h); ``bank`` [n*n, d_z] = 0;
     ``proj`` [H, d_z, d_h] ~ N(0, 1/d_z) (and ``log_tau`` [H] with ``learn_tau``). With the zero bank the layer outputs zeros, so a block
@@ -227,30 +354,36 @@ class HeadwiseMemoryLayer(nn.Module):
     True, for the tokens of ``token_mask`` when given (:meth:`forward`); see :meth:`memory_stats`.
     """
 
-    def __init__(self, num_heads: int, head_dim: int, n: int = 32, k: int = 16, d_z: int = 256,
-                 tau: float = 1.0, query_norm: str = "none", learn_tau: bool = False):
+    def __init__(self, num_heads: int, head_dim: int, n: int = MemoryOptions.n, k: int = MemoryOptions.k,
+                 d_z: int = MemoryOptions.d_z, tau: float = MemoryOptions.tau,
+                 query_norm: str = MemoryOptions.query_norm, learn_tau: bool = MemoryOptions.learn_tau,
+                 deterministic: bool = MemoryOptions.deterministic, ops_implementation: str = "midus_ops"):
         super().__init__()
-        num_heads, head_dim, n, k, d_z = _check_positive_ints(num_heads=num_heads, head_dim=head_dim, n=n, k=k,
-                                                              d_z=d_z)
-        tau = _check_tau(tau)
-        learn_tau = _check_bool(learn_tau=learn_tau)
+        num_heads, head_dim = _check_positive_ints(num_heads=num_heads, head_dim=head_dim)
+        # the retrieval options are validated where they are owned
+        opts = MemoryOptions(n=n, k=k, d_z=d_z, tau=tau, query_norm=query_norm, learn_tau=learn_tau,
+                             deterministic=deterministic)
         if head_dim % 2:
             raise ValueError(f"head_dim must be even (the query is split in two halves), got {head_dim}")
-        if not 1 <= k <= n:
-            raise ValueError(f"k must satisfy 1 <= k <= n = {n}, got k = {k}")
-        if query_norm not in ("none", "rms"):
-            raise ValueError(f"query_norm must be 'none' or 'rms', got {query_norm!r}")
+        n, k, d_z = opts.n, opts.k, opts.d_z
         self.num_heads, self.head_dim, self.n, self.k, self.d_z = num_heads, head_dim, n, k, d_z
-        self.tau, self.query_norm_kind = float(tau), query_norm
+        self.tau, self.query_norm_kind = opts.tau, opts.query_norm
         self.subkeys = nn.Parameter(torch.empty(num_heads, 2, n, head_dim // 2))
         self.bank = nn.Parameter(torch.empty(n * n, d_z))
         self.proj = nn.Parameter(torch.empty(num_heads, d_z, head_dim))
-        self.query_norm = _PerHeadRMSNorm(num_heads, head_dim) if query_norm == "rms" else None
-        self.log_tau = nn.Parameter(torch.empty(num_heads)) if learn_tau else None
-        self.stats = _UsageStats(num_heads, n * n)
-        self.track_stats = True
-        self.deterministic = False
+        self.query_norm = _PerHeadRMSNorm(num_heads, head_dim) if opts.query_norm == "rms" else None
+        self.log_tau = nn.Parameter(torch.empty(num_heads)) if opts.learn_tau else None
+        self._init_common(num_heads, n * n, opts.deterministic, ops_implementation)
         self.reset_parameters()
+
+    @classmethod
+    def from_options(cls, num_heads: int, head_dim: int, options: MemoryOptions, **kwargs) -> "HeadwiseMemoryLayer":
+        """The layer of ``options`` (its n, k, d_z, tau, query_norm, learn_tau, deterministic)."""
+        if not isinstance(options, MemoryOptions):
+            raise TypeError(f"options must be a midus_ops.MemoryOptions, got {type(options).__name__}")
+        return cls(num_heads, head_dim, n=options.n, k=options.k, d_z=options.d_z, tau=options.tau,
+                   query_norm=options.query_norm, learn_tau=options.learn_tau,
+                   deterministic=options.deterministic, **kwargs)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.subkeys, std=1.0 / math.sqrt(self.head_dim))
@@ -260,12 +393,6 @@ class HeadwiseMemoryLayer(nn.Module):
             nn.init.ones_(self.query_norm.weight)
         if self.log_tau is not None:
             nn.init.constant_(self.log_tau, math.log(self.tau))
-
-    def topk_weights(self, scores: torch.Tensor, allow_16bit: bool = False) -> torch.Tensor:
-        """softmax(scores / tau) over the last dim of ``scores`` [N, H, k], in fp32 (fp64 for fp64);
-        tau per head (``exp(log_tau)``) with ``learn_tau``. See :func:`_topk_weights` for the
-        16-bit inference path that ``allow_16bit`` permits."""
-        return _topk_weights(scores, self.tau if self.log_tau is None else self.log_tau.exp(), allow_16bit)
 
     def forward(self, o: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """o: [..., H, d_h] per-head attention outputs (before any output projection).
@@ -281,37 +408,19 @@ class HeadwiseMemoryLayer(nn.Module):
         if self.query_norm is not None:
             q = self.query_norm(q)
         dt = q.dtype
-        scores, idx = pk_topk(q, self.subkeys.to(dt), self.k)
-        recording = self.track_stats and not self.training
-        w = self.topk_weights(scores, allow_16bit=not recording)
-        if recording:
-            self.stats.update(idx, w, token_mask)
-        # The indices come from pk_topk, in [0, n*n) by construction: no host-side range check
-        # (on CUDA a synchronisation, which would also break CUDA graph capture).
-        r = hive_gather(w.to(dt), idx, self.bank.to(dt), self.proj.to(dt), deterministic=self.deterministic,
-                        check_indices=False)
+        ops, idx, w, replaced = self._retrieve(q, self.subkeys.to(dt), token_mask)
+        # Indices from pk_topk are in [0, n*n) by construction: no host-side range check (on CUDA
+        # a synchronisation, which would also break CUDA graph capture). A hook's are checked.
+        r = ops.hive_gather(w.to(dt), idx, self.bank.to(dt), self.proj.to(dt), deterministic=self.deterministic,
+                            check_indices=replaced)
         return r.reshape(*lead, self.num_heads, self.head_dim)
-
-    def memory_stats(self) -> Dict[str, torch.Tensor]:
-        """Usage since the last reset, per head (Lample et al. 2019, sec. 4.3).
-
-        Returns a dict of float64 tensors: ``slot_usage`` [H] fraction of the n*n slots read at
-        least once; ``kl_from_uniform`` [H] KL divergence (nats) of the slot-read distribution from
-        uniform; ``weight_entropy`` [H] mean entropy (nats) of the top-k softmax weights;
-        ``tokens`` [] tokens recorded. NaN where nothing has been recorded.
-        """
-        return self.stats.summary()
-
-    def reset_memory_stats(self) -> None:
-        self.stats.reset()
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, n={self.n}, k={self.k}, "
-                f"d_z={self.d_z}, tau={self.tau}, query_norm={self.query_norm_kind!r}"
-                + (", learn_tau=True" if self.log_tau is not None else ""))
+                f"d_z={self.d_z}, tau={self.tau}, query_norm={self.query_norm_kind!r}" + self._extra())
 
 
-class ProductKeyMemory(nn.Module):
+class ProductKeyMemory(_MemoryLayer):
     """Multi-head product-key memory over the full hidden state (Lample et al. 2019).
 
     docs/design.md §2.2, the "MIDUS-PKM" ablation and a drop-in FFN replacement::
@@ -339,18 +448,19 @@ class ProductKeyMemory(nn.Module):
     tau not a positive finite number, an unknown value_init, or an input whose last dim is not d.
     """
 
-    def __init__(self, d_model: int, num_heads: int = 4, n: int = 32, k: int = 16, d_k: int = 128,
-                 d_out: Optional[int] = None, tau: float = 1.0, value_init: str = "normal", learn_tau: bool = False):
+    def __init__(self, d_model: int, num_heads: int = MemoryOptions.pkm_heads, n: int = MemoryOptions.n,
+                 k: int = MemoryOptions.k, d_k: int = MemoryOptions.pkm_d_k, d_out: Optional[int] = None,
+                 tau: float = MemoryOptions.tau, value_init: str = "normal", learn_tau: bool = MemoryOptions.learn_tau,
+                 deterministic: bool = MemoryOptions.deterministic, ops_implementation: str = "midus_ops"):
         super().__init__()
         d_out = d_model if d_out is None else d_out
         d_model, num_heads, n, k, d_k, d_out = _check_positive_ints(d_model=d_model, num_heads=num_heads, n=n, k=k,
                                                                     d_k=d_k, d_out=d_out)
-        tau = _check_tau(tau)
-        learn_tau = _check_bool(learn_tau=learn_tau)
+        tau = check_tau(tau)
+        learn_tau = check_bool("learn_tau", learn_tau)
         if d_k % 2:
             raise ValueError(f"d_k must be even, got {d_k}")
-        if not 1 <= k <= n:
-            raise ValueError(f"k must satisfy 1 <= k <= n = {n}, got k = {k}")
+        check_k(k, n)
         if value_init not in ("normal", "zeros"):
             raise ValueError(f"value_init must be 'normal' or 'zeros', got {value_init!r}")
         self.d_model, self.num_heads, self.n, self.k, self.d_k, self.d_out = d_model, num_heads, n, k, d_k, d_out
@@ -359,10 +469,17 @@ class ProductKeyMemory(nn.Module):
         self.subkeys = nn.Parameter(torch.empty(num_heads, 2, n, d_k // 2))
         self.values = nn.Parameter(torch.empty(n * n, d_out))
         self.log_tau = nn.Parameter(torch.empty(num_heads)) if learn_tau else None
-        self.stats = _UsageStats(num_heads, n * n)
-        self.track_stats = True
-        self.deterministic = False
+        self._init_common(num_heads, n * n, deterministic, ops_implementation)
         self.reset_parameters()
+
+    @classmethod
+    def from_options(cls, d_model: int, options: MemoryOptions, **kwargs) -> "ProductKeyMemory":
+        """The layer of ``options`` (its pkm_heads, n, k, pkm_d_k, tau, learn_tau, deterministic);
+        ``kwargs``: d_out, value_init, ops_implementation."""
+        if not isinstance(options, MemoryOptions):
+            raise TypeError(f"options must be a midus_ops.MemoryOptions, got {type(options).__name__}")
+        return cls(d_model, num_heads=options.pkm_heads, n=options.n, k=options.k, d_k=options.pkm_d_k,
+                   tau=options.tau, learn_tau=options.learn_tau, deterministic=options.deterministic, **kwargs)
 
     def reset_parameters(self) -> None:
         self.query.reset_parameters()
@@ -383,22 +500,14 @@ class ProductKeyMemory(nn.Module):
         _check_token_mask(token_mask, lead, x)
         dt = x.dtype
         q = self.query(x.reshape(-1, self.d_model)).view(-1, self.num_heads, self.d_k)
-        scores, idx = pk_topk(q, self.subkeys.to(dt), self.k)
-        recording = self.track_stats and not self.training
-        w = self.topk_weights(scores, allow_16bit=not recording)
-        if recording:
-            self.stats.update(idx, w, token_mask)
+        ops, idx, w, replaced = self._retrieve(q, self.subkeys.to(dt), token_mask)
         # Summing heads equals one bag of H_m * k rows per token: no [N, H_m, d_out] intermediate.
         N = q.shape[0]
         bag = self.num_heads * self.k
-        out = hive_gather(w.to(dt).reshape(N, 1, bag), idx.reshape(N, 1, bag), self.values.to(dt), None,
-                          deterministic=self.deterministic, check_indices=False)  # from pk_topk: in range
+        out = ops.hive_gather(w.to(dt).reshape(N, 1, bag), idx.reshape(N, 1, bag), self.values.to(dt), None,
+                              deterministic=self.deterministic, check_indices=replaced)  # pk_topk's: in range
         return out.reshape(*lead, self.d_out)
-
-    topk_weights = HeadwiseMemoryLayer.topk_weights
-    memory_stats = HeadwiseMemoryLayer.memory_stats
-    reset_memory_stats = HeadwiseMemoryLayer.reset_memory_stats
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, n={self.n}, k={self.k}, d_k={self.d_k}, "
-                f"d_out={self.d_out}, tau={self.tau}" + (", learn_tau=True" if self.log_tau is not None else ""))
+                f"d_out={self.d_out}, tau={self.tau}" + self._extra())

@@ -107,12 +107,21 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 # The CUDA kernels compile (CI proves it) but have not yet run on a GPU: until a GPU run has
 # validated them, the public ops use them only when MIDUS_OPS_CUDA_KERNELS=1 and otherwise run the
 # reference on CUDA tensors. (torch.ops.midus_ops.* always dispatches to them.)
-CUDA_KERNELS_ENABLED: bool = os.environ.get("MIDUS_OPS_CUDA_KERNELS", "0") not in ("", "0")
+CUDA_KERNELS_SETTING: str = os.environ.get("MIDUS_OPS_CUDA_KERNELS", "")  # as given (benchmarks record it)
+CUDA_KERNELS_ENABLED: bool = CUDA_KERNELS_SETTING not in ("", "0")
 
-# The CUDA pk_topk kernel's limits (csrc/cuda/pk_topk.cu): beyond them the public op runs the
-# reference on CUDA tensors (the direct op raises an error naming k or n).
-CUDA_PK_TOPK_MAX_K = 64
-CUDA_PK_TOPK_MAX_N = 4096
+# The CUDA pk_topk kernel's limits, as the extension was built with them (csrc/limits.h): beyond
+# them the public op runs the reference on CUDA tensors (the direct op raises an error naming k or
+# n). None without the extension (every op then runs the reference anyway).
+def _extension_constant(name: str) -> Optional[int]:
+    if not EXTENSION_AVAILABLE:
+        return None
+    from . import _C
+    return getattr(_C, name, None)  # None: a build older than the constant (its kernels are then not used)
+
+
+CUDA_PK_TOPK_MAX_K: Optional[int] = _extension_constant("CUDA_PK_TOPK_MAX_K")
+CUDA_PK_TOPK_MAX_N: Optional[int] = _extension_constant("CUDA_PK_TOPK_MAX_N")
 
 # Which (op, device type) pairs have a compiled kernel, read once: a plain dict lookup is what
 # torch.compile can trace (the dispatcher query itself would break the graph).
@@ -192,8 +201,8 @@ def pk_topk(q: torch.Tensor, subkeys: torch.Tensor, k: int) -> Tuple[torch.Tenso
     k = operator.index(k)  # numpy and other integer types: the op schema takes a Python int
     n = subkeys.shape[2]
     _check(1 <= k <= n, f"k must satisfy 1 <= k <= n = {n} (subkeys.shape[2]), got k = {k}")
-    if has_kernel("pk_topk", q.device) and (
-            q.device.type != "cuda" or (k <= CUDA_PK_TOPK_MAX_K and n <= CUDA_PK_TOPK_MAX_N)):
+    if has_kernel("pk_topk", q.device) and (q.device.type != "cuda" or (
+            CUDA_PK_TOPK_MAX_K is not None and k <= CUDA_PK_TOPK_MAX_K and n <= CUDA_PK_TOPK_MAX_N)):
         return torch.ops.midus_ops.pk_topk(q, subkeys, k)
     return pk_topk_ref(q, subkeys, k)
 

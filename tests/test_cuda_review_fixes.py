@@ -77,12 +77,18 @@ def test_backward_gemms_only_through_dev_gemm():
         assert not hits, f"{p.relative_to(ROOT)} calls an ATen matmul directly: {hits}"
 
 
-def test_python_limits_match_the_kernels():
-    """midus_ops.ops routes shapes beyond the CUDA pk_topk limits to the reference: its constants
-    must be the kernels' (csrc/cuda/kernels/pk_topk.cuh)."""
-    src = (KERNELS / "pk_topk.cuh").read_text()
-    assert int(re.search(r"constexpr int kPkMaxK = (\d+);", src).group(1)) == midus_ops.ops.CUDA_PK_TOPK_MAX_K
-    assert int(re.search(r"constexpr int kPkMaxN = (\d+);", src).group(1)) == midus_ops.ops.CUDA_PK_TOPK_MAX_N
+def test_python_limits_come_from_the_extension():
+    """midus_ops.ops routes shapes beyond the CUDA pk_topk limits to the reference. The limits are
+    written once (csrc/limits.h), used by the kernels and exported by the extension: no Python copy."""
+    limits = (ROOT / "csrc" / "limits.h").read_text()
+    assert '#include "../../limits.h"' in (KERNELS / "pk_topk.cuh").read_text()
+    assert not re.search(r"constexpr int kPkMax[KN]\b", (KERNELS / "pk_topk.cuh").read_text())
+    ops_src = (ROOT / "midus_ops" / "ops.py").read_text()
+    assert not re.search(r"CUDA_PK_TOPK_MAX_[KN][^=\n]*= *\d", ops_src), "a Python copy of a kernel limit"
+    if not midus_ops.EXTENSION_AVAILABLE:
+        pytest.skip(f"extension not built: {midus_ops.EXTENSION_ERROR}")
+    assert int(re.search(r"constexpr int kPkMaxK = (\d+);", limits).group(1)) == midus_ops.ops.CUDA_PK_TOPK_MAX_K
+    assert int(re.search(r"constexpr int kPkMaxN = (\d+);", limits).group(1)) == midus_ops.ops.CUDA_PK_TOPK_MAX_N
 
 
 def test_kernel_headers_stay_free_of_torch():

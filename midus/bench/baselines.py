@@ -9,12 +9,13 @@
 - ``torch.compile`` of the eager version, and ``F.embedding_bag`` for the gather.
 - :class:`SwiGLU`: the Llama FFN a memory layer replaces.
 
-:func:`eager_ops` swaps the two ops inside ``midus_ops.layers`` for the eager ones, so a layer, a
-block or a whole MIDUS model can be timed with the PyTorch a user would write, in the same process.
+:func:`eager_ops` makes the memory layers of a module (a layer, a block or a whole MIDUS model) run
+the eager ops, registered as the "eager" implementation of ``midus_ops.layers.MEMORY_OPS`` and
+chosen per layer (``ops_implementation``), so they can be timed with the PyTorch a user would
+write, in the same process; nothing in ``midus_ops`` is overwritten.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import midus_ops
-import midus_ops.layers as _layers
+from midus_ops.layers import register_memory_ops, use_memory_ops
 from midus_ops.reference import hive_gather_ref, pk_topk_ref
 
 __all__ = ["pk_topk_eager", "hive_gather_eager", "hive_gather_embedding_bag", "hml_eager", "hml_with", "HML_IMPLS",
@@ -84,21 +85,32 @@ HML_IMPLS = {
 }
 
 
-@contextmanager
-def eager_ops():
-    """Inside, HeadwiseMemoryLayer and ProductKeyMemory (and so MIDUS blocks and models) run the
-    eager PyTorch ops instead of midus_ops: the "[eager]" twins of the benchmark tables."""
-    old = _layers.pk_topk, _layers.hive_gather
-    _layers.pk_topk, _layers.hive_gather = pk_topk_eager, hive_gather_eager
-    try:
-        yield
-    finally:
-        _layers.pk_topk, _layers.hive_gather = old
+def _pk_topk_eager_op(q, subkeys, k):
+    return pk_topk_eager(q, subkeys, k)
 
 
-def with_eager_ops(fn: Callable) -> Callable:
+def _hive_gather_eager_op(weights, indices, bank, proj=None, deterministic=False, check_indices=True):
+    # the eager baseline has no deterministic mode or index check to skip: it is what a user writes
+    return hive_gather_eager(weights, indices, bank, proj)
+
+
+register_memory_ops("eager", _pk_topk_eager_op, _hive_gather_eager_op)
+
+
+def eager_ops(module: nn.Module):
+    """Within the block the memory layers of ``module`` run the eager ops (the "[eager]" twins of the
+    benchmark tables); restored on exit."""
+    return use_memory_ops(module, "eager")
+
+
+def with_eager_ops(fn: Callable, module: Optional[nn.Module] = None) -> Callable:
+    """``fn`` run with the memory layers of ``module`` (default: ``fn`` itself, a module) on the eager ops."""
+    target = fn if module is None else module
+    if not isinstance(target, nn.Module):
+        raise TypeError("with_eager_ops needs the module whose memory layers it switches: pass module=")
+
     def wrapped(*args, **kwargs):
-        with eager_ops():
+        with eager_ops(target):
             return fn(*args, **kwargs)
     return wrapped
 

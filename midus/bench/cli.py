@@ -19,6 +19,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..runtime import debug_enabled, results_dir_env
+
 SUBJECTS = ("ops", "layers", "blocks", "models", "decode", "scaling")
 DEFAULTS = {"gpu": dict(reps=20, warmup=3), "cpu": dict(reps=10, warmup=2), "quick": dict(reps=2, warmup=1)}
 
@@ -63,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser, subject: Optional[str] = None
 
 
 def default_out_dir() -> str:
-    if os.environ.get("OUT"):
-        return os.environ["OUT"]
+    if results_dir_env():
+        return results_dir_env()
     if os.path.isdir(os.path.join("benchmarks", "results")) and os.path.isfile(os.path.join("midus", "__init__.py")):
         return os.path.join("benchmarks", "results")
     return "midus-bench-results"
@@ -196,7 +198,7 @@ def _run(args, chosen, device, profile, reps, warmup, compile_, path) -> int:
             failed = True
             section["error"] = f"{type(e).__name__}: {e}"[:1000]
             print(f"[{subject}] FAILED: {section['error']}", file=sys.stderr, flush=True)
-            if os.environ.get("MIDUS_DEBUG"):
+            if debug_enabled():
                 traceback.print_exc()
         ctx._free()
         save(final="error" not in section and "skipped" not in section)
@@ -268,7 +270,7 @@ def main_subject(subject: str, argv: Optional[List[str]] = None, out: Optional[s
         parser.set_defaults(device=device)
     args = parser.parse_args(argv)
     args.parts = [p if p.startswith(subject) else f"{subject}.{p}" for p in args.parts] or [subject]
-    if args.out is None and not os.environ.get("OUT"):
+    if args.out is None and not results_dir_env():
         args.out = out
     try:
         return run(args)
@@ -286,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return run(args)
     except ValueError as err:
-        if os.environ.get("MIDUS_DEBUG"):
+        if debug_enabled():
             raise
         print(f"midus bench: error: {err}", file=sys.stderr)
         return 2

@@ -86,8 +86,8 @@ def time_ms(fn: Callable[[], Any], reps: int = 20, warmup: int = 3, device: str 
 
 # ----------------------------------------------------------------------------- memory
 
-# One peak-memory measurement for the suite and midus compare/study (midus.runtime).
-from midus.runtime import peak_memory  # noqa: E402
+# One parameter count and one peak-memory measurement for the suite and midus compare/study (midus.runtime).
+from midus.runtime import count_parameters as count_params, peak_memory  # noqa: E402
 
 
 def tensor_mib(*modules_or_tensors) -> float:
@@ -97,10 +97,6 @@ def tensor_mib(*modules_or_tensors) -> float:
         tensors = list(m.parameters()) + list(m.buffers()) if isinstance(m, torch.nn.Module) else [m]
         total += sum(t.numel() * t.element_size() for t in tensors)
     return total / MiB
-
-
-def count_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 # ----------------------------------------------------------------------------- environment
@@ -172,7 +168,7 @@ def environment(device: str = "cpu") -> Dict[str, Any]:
         env["midus_ops_extension"] = midus_ops.EXTENSION_AVAILABLE
         env["midus_ops_kernels"] = {op: midus_ops.has_kernel(op, dev)
                                     for op in ("pk_topk", "pk_topk_backward", "hive_gather", "hive_gather_backward")}
-        env["MIDUS_OPS_CUDA_KERNELS"] = os.environ.get("MIDUS_OPS_CUDA_KERNELS", "")
+        env["MIDUS_OPS_CUDA_KERNELS"] = midus_ops.ops.CUDA_KERNELS_SETTING  # read once, where the ops read it
     except Exception as e:  # the record says why rather than failing the run
         env["midus_ops_extension"] = f"import failed: {e}"
     return env

@@ -32,13 +32,13 @@ SIZES = {
 CASES = ("N=1", "N=8", "N=64")
 
 
-def cuda_graph(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eager: bool = False) -> Callable[[], None]:
+def cuda_graph(fn: nn.Module, x: torch.Tensor, eager: bool = False) -> Callable[[], None]:
     """Capture ``fn(static_x)`` in a CUDA graph (after warm-up on a side stream, as torch.cuda.graphs
     requires) and return its replay. midus_ops is asked for the device-side index check, which does
     not synchronise with the host (a host synchronisation cannot be captured)."""
     static_x = x.clone()
     with torch.no_grad(), env_var("MIDUS_OPS_CUDA_INDEX_CHECK", "device"):
-        with eager_ops() if eager else nullcontext():
+        with eager_ops(fn) if eager else nullcontext():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -59,7 +59,7 @@ def _fwd(module: nn.Module, x: torch.Tensor, eager: bool = False) -> Callable[[]
     def f():
         with torch.no_grad():
             if eager:
-                with eager_ops():
+                with eager_ops(module):
                     return module(x)
             return module(x)
     return f

@@ -74,7 +74,7 @@ def _train_modes(model, ids, eager: bool):
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()
         model.zero_grad(set_to_none=True)
-    return {"train_step": with_eager_ops(step) if eager else step}
+    return {"train_step": with_eager_ops(step, model) if eager else step}
 
 
 def _gen_modes(model, prompts, new_tokens: int, eager: bool):
@@ -84,7 +84,7 @@ def _gen_modes(model, prompts, new_tokens: int, eager: bool):
             with torch.no_grad():
                 return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        return with_eager_ops(f) if eager else f
+        return with_eager_ops(f, model) if eager else f
     return {f"generate_b{b}": gen(ids) for b, ids in prompts.items()}
 
 

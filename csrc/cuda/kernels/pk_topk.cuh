@@ -55,12 +55,11 @@
 #pragma once
 #include "common.cuh"
 #include "gemm.cuh"
+#include "../../limits.h"
 
 namespace midus {
 namespace {
 
-constexpr int kPkMaxK = 64;
-constexpr int kPkMaxN = 4096;
 constexpr int kPkMaxWarps = 8;
 constexpr unsigned kPkFull = 0xffffffffu;
 constexpr size_t kPkKeysBudget = size_t(64) << 10;  // sub-keys resident in shared memory up to this
