@@ -5,7 +5,6 @@ Each case runs in a fresh interpreter: this test process has long imported both.
 """
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -152,18 +151,3 @@ def test_package_names_are_lazy_but_all_there():
     importlib.reload(midus)
     assert callable(midus.upscale)
     assert sum(type(f).__name__ == "_PostImportFinder" for f in sys.meta_path) == 0  # registered: gone
-
-
-def test_cli_memory_defaults_are_modeling_midus_defaults():
-    """The parser states MEMORY_DEFAULTS without importing modeling_midus (torch): this keeps the
-    help text and the single source of the values in step."""
-    from midus.cli import build_parser
-
-    upscale = build_parser()._subparsers._group_actions[0].choices["upscale"]
-    stated = {}
-    for action in upscale._actions:
-        m = re.search(r"\(default: ([^)]*)\)$", action.help or "")
-        if action.dest in midus.MEMORY_DEFAULTS and action.dest != "learn_tau" and m:  # "(default: fixed tau)"
-            stated[action.dest] = m.group(1)
-    assert set(stated) == set(midus.MEMORY_DEFAULTS) - {"learn_tau"}
-    assert stated == {k: str(v) for k, v in midus.MEMORY_DEFAULTS.items() if k in stated}
