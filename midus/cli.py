@@ -566,20 +566,22 @@ class _LazyParser(argparse.ArgumentParser):
 
     populate = None
 
-    def _populated(self):
+    def _populate_once(self) -> None:
         populate, self.populate = self.populate, None
         if populate is not None:
             populate(self)
-        return self
 
     def parse_known_args(self, args=None, namespace=None):
-        return super(_LazyParser, self._populated()).parse_known_args(args, namespace)
+        self._populate_once()
+        return super().parse_known_args(args, namespace)
 
     def format_help(self):
-        return super(_LazyParser, self._populated()).format_help()
+        self._populate_once()
+        return super().format_help()
 
     def format_usage(self):
-        return super(_LazyParser, self._populated()).format_usage()
+        self._populate_once()
+        return super().format_usage()
 
 
 def _module_arguments(module: str):
