@@ -257,10 +257,11 @@ class _Evaluator:
         self.passes = 0
 
     def loss(self, selects: Optional[Dict[int, Select]] = None, record=None, start: Optional[int] = None,
-             keep_inputs: bool = False, patch: bool = True) -> float:
+             keep_inputs: bool = False, intervene: bool = True) -> float:
         """Mean next-token NLL (nats). ``selects``: position -> select; ``record``: position ->
         callback; ``start``: run only layers from this memory block on (needs a previous
-        ``keep_inputs=True`` pass); ``patch=False`` runs the layers' own forward."""
+        ``keep_inputs=True`` pass); ``intervene=False`` runs the layers without retrieval hooks (their
+        usage statistics then record)."""
         selects, record = selects or {}, record or {}
         by_pos = dict(self.blocks)
         bad = [p for p in list(selects) + list(record) if p not in by_pos]
@@ -268,7 +269,7 @@ class _Evaluator:
             raise ValueError(f"positions {bad} are not memory blocks (blocks at {sorted(by_pos)})")
         if start is not None and start not in self.inputs:
             raise RuntimeError("a partial pass needs the block inputs of a keep_inputs=True pass")
-        modules = {m: selects.get(p) for p, m in self.blocks} if patch else {}
+        modules = {m: selects.get(p) for p, m in self.blocks} if intervene else {}
         records = {by_pos[p]: fn for p, fn in record.items()}
         hooks, saved = [], {}
         total = torch.zeros((), dtype=torch.float64)
@@ -547,7 +548,7 @@ def memory_usage(model, input_ids: torch.Tensor, window: int = DEFAULT_WINDOW, b
         for m, _, _ in saved:
             m.reset_memory_stats()
             m.track_stats = True
-        loss = ev.loss(patch=False)
+        loss = ev.loss(intervene=False)
         stats = [m.memory_stats() for _, m in ev.blocks]
     finally:
         for m, track, buffers in saved:

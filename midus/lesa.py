@@ -41,7 +41,6 @@ Choices of this project, marked [project] (the paper and code do not say, or say
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
@@ -51,11 +50,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from midus_ops.options import OptionsMixin
+
 __all__ = ["LesaOptions", "LESA_DEFAULTS", "check_lesa_options", "predict_layers", "coefficient_blocks"]
 
 
 @dataclass(frozen=True)
-class LesaOptions:
+class LesaOptions(OptionsMixin):
     """The options of LESA's layer prediction (immutable; validated on creation). Sources: the
     paper's text (arXiv 2502.13794), its official code, or [project] where neither fixes them.
 
@@ -68,6 +69,8 @@ class LesaOptions:
     Raises ValueError naming the field with a bad value, TypeError for an unknown field
     (:meth:`from_dict`).
     """
+
+    _kind = "lesa"
 
     rank: Optional[int] = 64
     hidden: int = 256
@@ -98,19 +101,6 @@ class LesaOptions:
             raise ValueError(f"norm_weight must be in [0, 1], got {self.norm_weight!r}")
         if self.last not in ("extrapolate", "copy"):
             raise ValueError(f"last must be 'extrapolate' or 'copy', got {self.last!r}")
-
-    @classmethod
-    def from_dict(cls, options: Optional[Mapping[str, Any]] = None, **more: Any) -> "LesaOptions":
-        """From a mapping of fields, missing ones at their defaults. Raises TypeError naming unknown ones."""
-        opts = {**(options or {}), **more}
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = set(opts) - set(known)
-        if unknown:
-            raise TypeError(f"unknown lesa option(s) {sorted(unknown)}; known options: {sorted(known)}")
-        return cls(**opts)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # The dict view of the defaults, for code that reads it.

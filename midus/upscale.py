@@ -346,8 +346,11 @@ def upscale(model: PreTrainedModel, method: str, num_blocks: Optional[int] = Non
         if method != "midus":
             raise TypeError(f"memory (a MemoryOptions) applies to method='midus' only, got method={method!r}")
         memory_options = {**memory.to_dict(), **memory_options}
-    elif memory is not None:
+    elif isinstance(memory, str):
         memory_options["memory"] = memory  # the kind, as a keyword option
+    elif memory is not None:
+        raise TypeError(f"memory must be a midus_ops.MemoryOptions, a memory kind ('hml' or 'pkm') or None, "
+                        f"got {type(memory).__name__}")
     if lesa is not None:
         if not isinstance(lesa, LesaOptions):
             raise TypeError(f"lesa must be a midus.lesa.LesaOptions or None, got {type(lesa).__name__}")

@@ -229,13 +229,23 @@ class _UsageStats(nn.Module):
         }
 
 
+def _check_options_kind(options, kind: str) -> None:
+    if not isinstance(options, MemoryOptions):
+        raise TypeError(f"options must be a midus_ops.MemoryOptions, got {type(options).__name__}")
+    if options.memory != kind:
+        raise ValueError(f"options.memory is {options.memory!r}, which is not this layer: pass "
+                         f"MemoryOptions(memory={kind!r}, ...)")
+
+
 def _check_hook_retrieval(idx: torch.Tensor, w: torch.Tensor, shape: torch.Size, slots: int) -> None:
     if not isinstance(idx, torch.Tensor) or not isinstance(w, torch.Tensor):
         raise TypeError("a retrieval hook must return None or (indices, weights) tensors")
     if idx.shape != shape or w.shape != shape:
         raise ValueError(f"a retrieval hook returned indices {tuple(idx.shape)} and weights {tuple(w.shape)}; "
                          f"both must be {tuple(shape)}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= slots):
+    # The range check reads the values on the host (a synchronisation, a graph break under
+    # torch.compile): skipped while compiling, where hive_gather's own index check still runs.
+    if not torch.compiler.is_compiling() and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= slots):
         raise IndexError(f"a retrieval hook returned indices outside [0, {slots}) (n * n slots): "
                          f"min {int(idx.min())}, max {int(idx.max())}")
 
@@ -266,12 +276,14 @@ class _MemoryLayer(nn.Module):
 
     def _retrieve(self, q: torch.Tensor, subkeys: torch.Tensor, token_mask: Optional[torch.Tensor]):
         """Top-k, weights, hooks, statistics: (ops, indices, weights, whether a hook replaced them)."""
-        ops = MEMORY_OPS[self.ops_implementation]
+        ops = MEMORY_OPS.get(self.ops_implementation)
+        if ops is None:  # set by hand, or unpickled in a process that has not registered it
+            _check_ops_implementation(self.ops_implementation)
         scores, idx = ops.pk_topk(q, subkeys, self.k)
         recording = self.track_stats and not self.training
         w = self.topk_weights(scores, allow_16bit=not recording and not self._retrieval_hooks)
         replaced = False
-        for hook in self._retrieval_hooks.values():
+        for hook in tuple(self._retrieval_hooks.values()):  # a hook may remove or add hooks
             out = hook(self, q, scores, idx, w)
             if out is not None:
                 idx, w = out
@@ -379,8 +391,7 @@ class HeadwiseMemoryLayer(_MemoryLayer):
     @classmethod
     def from_options(cls, num_heads: int, head_dim: int, options: MemoryOptions, **kwargs) -> "HeadwiseMemoryLayer":
         """The layer of ``options`` (its n, k, d_z, tau, query_norm, learn_tau, deterministic)."""
-        if not isinstance(options, MemoryOptions):
-            raise TypeError(f"options must be a midus_ops.MemoryOptions, got {type(options).__name__}")
+        _check_options_kind(options, "hml")
         return cls(num_heads, head_dim, n=options.n, k=options.k, d_z=options.d_z, tau=options.tau,
                    query_norm=options.query_norm, learn_tau=options.learn_tau,
                    deterministic=options.deterministic, **kwargs)
@@ -476,8 +487,7 @@ class ProductKeyMemory(_MemoryLayer):
     def from_options(cls, d_model: int, options: MemoryOptions, **kwargs) -> "ProductKeyMemory":
         """The layer of ``options`` (its pkm_heads, n, k, pkm_d_k, tau, learn_tau, deterministic);
         ``kwargs``: d_out, value_init, ops_implementation."""
-        if not isinstance(options, MemoryOptions):
-            raise TypeError(f"options must be a midus_ops.MemoryOptions, got {type(options).__name__}")
+        _check_options_kind(options, "pkm")
         return cls(d_model, num_heads=options.pkm_heads, n=options.n, k=options.k, d_k=options.pkm_d_k,
                    tau=options.tau, learn_tau=options.learn_tau, deterministic=options.deterministic, **kwargs)
 

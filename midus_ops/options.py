@@ -16,7 +16,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
-__all__ = ["MemoryOptions", "check_positive_int", "check_tau", "check_bool"]
+__all__ = ["MemoryOptions", "OptionsMixin", "check_positive_int", "check_tau", "check_bool"]
 
 MEMORY_KINDS = ("hml", "pkm")
 OUT_PROJ = ("none", "copy")
@@ -57,8 +57,38 @@ def check_k(k: int, n: int) -> None:
         raise ValueError(f"k must satisfy 1 <= k <= n = {n}, got k = {k}")
 
 
+class OptionsMixin:
+    """Shared by the frozen options dataclasses (:class:`MemoryOptions`, ``midus.lesa.LesaOptions``):
+    building from a mapping, back to a dict, a changed copy. ``_kind`` names them in errors."""
+
+    _kind = "options"
+
+    @classmethod
+    def fields(cls) -> tuple:
+        """The field names, in order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, options: Optional[Mapping[str, Any]] = None, **more: Any):
+        """From a mapping of fields (e.g. a saved config's record), missing ones at their defaults.
+        Raises TypeError naming unknown fields, ValueError naming a bad value."""
+        opts = {**(options or {}), **more}
+        unknown = set(opts) - set(cls.fields())
+        if unknown:
+            raise TypeError(f"unknown {cls._kind} option(s) {sorted(unknown)}; known options: {sorted(cls.fields())}")
+        return cls(**opts)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The fields as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any):
+        """A copy with ``changes`` applied (validated). Raises TypeError naming unknown fields."""
+        return type(self).from_dict(self.to_dict(), **changes)
+
+
 @dataclass(frozen=True)
-class MemoryOptions:
+class MemoryOptions(OptionsMixin):
     """The options of a memory layer and of a MIDUS memory block (immutable; validated on creation).
 
     Fields:
@@ -80,6 +110,8 @@ class MemoryOptions:
     Raises ValueError naming the field for a bad value and TypeError for an unknown field
     (:meth:`from_dict`, the constructor). ``dataclasses.replace(opts, k=8)`` makes a changed copy.
     """
+
+    _kind = "memory"
 
     memory: str = "hml"
     out_proj: str = "none"
@@ -113,25 +145,3 @@ class MemoryOptions:
         check_bool("learn_tau", self.learn_tau)
         check_bool("deterministic", self.deterministic)
 
-    @classmethod
-    def fields(cls) -> tuple:
-        """The field names, in order."""
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def from_dict(cls, options: Optional[Mapping[str, Any]] = None, **more: Any) -> "MemoryOptions":
-        """From a mapping of fields (e.g. a saved config's ``memory_options``), missing ones at
-        their defaults. Raises TypeError naming unknown fields."""
-        opts = {**(options or {}), **more}
-        unknown = set(opts) - set(cls.fields())
-        if unknown:
-            raise TypeError(f"unknown memory option(s) {sorted(unknown)}; known options: {sorted(cls.fields())}")
-        return cls(**opts)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The fields as a JSON-serialisable dict."""
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> "MemoryOptions":
-        """A copy with ``changes`` applied (validated). Raises TypeError naming unknown fields."""
-        return type(self).from_dict(self.to_dict(), **changes)

@@ -89,7 +89,11 @@ def test_layers_from_options_equal_the_keyword_construction():
     assert a.deterministic and repr(a) == repr(b)
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(pa, pb)
-    p = ProductKeyMemory.from_options(16, opts, value_init="zeros")
+    with pytest.raises(ValueError, match=r"options.memory is 'hml', which is not this layer"):
+        ProductKeyMemory.from_options(16, opts)
+    with pytest.raises(ValueError, match=r"options.memory is 'pkm'"):
+        HeadwiseMemoryLayer.from_options(2, 8, opts.replace(memory="pkm"))
+    p = ProductKeyMemory.from_options(16, opts.replace(memory="pkm"), value_init="zeros")
     assert (p.num_heads, p.n, p.k, p.d_k, p.tau, p.deterministic) == (2, 6, 3, 8, 0.5, True)
     assert p.log_tau is not None and not p.values.any()
     with pytest.raises(TypeError, match="options must be a midus_ops.MemoryOptions"):
@@ -125,12 +129,15 @@ def test_upscale_takes_an_options_object_and_the_old_keywords_alike():
     assert c.config.k == 2 and c.config.tau == 0.5
     with pytest.raises(TypeError, match="applies to method='midus' only"):
         midus.upscale(base, "dus", 1, memory=opts)
+    with pytest.raises(TypeError, match=r"memory must be a midus_ops.MemoryOptions, a memory kind"):
+        midus.upscale(base, "midus", 1, memory={"n": 4})
     with pytest.raises(ValueError, match="k must satisfy"):
         midus.upscale(base, "midus", 1, memory=opts, k=99)
 
 
 def test_lesa_options_object_and_keywords_alike():
     assert LESA_DEFAULTS == LesaOptions().to_dict()
+    assert LesaOptions().replace(rank=None).rank is None and "rank" in LesaOptions.fields()
     with pytest.raises(ValueError, match="norm_weight must be in"):
         LesaOptions(norm_weight=2.0)
     with pytest.raises(TypeError, match=r"unknown lesa option\(s\) \['ranks'\]"):
@@ -231,6 +238,31 @@ def test_hooks_chain_in_order_and_statistics_record_after_them():
         m.register_retrieval_hook(3)
 
 
+def test_a_hook_may_remove_itself_or_add_another():
+    m = _hml()
+    x = torch.randn(4, 3, 8)
+    calls = []
+    handles = {}
+
+    def once(layer, q, s, i, w):
+        calls.append("once")
+        handles["once"].remove()
+        layer.register_retrieval_hook(lambda *a: calls.append("added"))
+
+    handles["once"] = m.register_retrieval_hook(once)
+    m.register_retrieval_hook(lambda *a: calls.append("other"))
+    m(x)
+    m(x)
+    assert calls == ["once", "other", "other", "added"]
+
+
+def test_an_unregistered_ops_implementation_is_named():
+    m = _hml()
+    m.ops_implementation = "gone"  # e.g. unpickled where it is not registered
+    with pytest.raises(ValueError, match=r"ops_implementation must be one of .*got 'gone'"):
+        m(torch.randn(2, 3, 8))
+
+
 def test_pkm_hooks_and_the_analysis_path_reproduce_the_layer():
     from midus.analyze import memory_forward, override_memory
 
@@ -305,7 +337,7 @@ def test_each_environment_variable_has_one_reader():
     for root in (pathlib.Path(midus.__file__).parent, pathlib.Path(midus_ops.__file__).parent):
         for p in root.rglob("*.py"):
             text = p.read_text()
-            names = set(re.findall(r"os\.environ(?:\.get)?[\[(]\s*\"([A-Z_]+)\"", text))
+            names = set(re.findall(r"os\.(?:environ(?:\.get)?|getenv)[\[(]\s*\"([A-Z_]+)\"", text))
             names |= set(re.findall(r"\"([A-Z_]+)\"\s+(?:not\s+)?in\s+os\.environ", text))
             for name in names:
                 readers.setdefault(name, set()).add(p.name if p.parent == root else f"{p.parent.name}/{p.name}")
