@@ -34,7 +34,9 @@ from typing import List, Optional
 __all__ = ["main", "build_parser", "load_model", "atomic_output_dir"]
 
 
+from .constants import METHODS  # noqa: E402
 from .runtime import UsageError as CLIError  # noqa: E402  (a user error: printed as one line, exit status 1)
+from .train_config import add_recipe_arguments  # noqa: E402
 
 
 def _log(msg: str) -> None:
@@ -392,8 +394,7 @@ def _print_table(header: List[str], rows: List[List[str]]) -> None:
 
 def _add_upscale_args(p, required_output: bool) -> None:
     g = p.add_argument_group("up-scaling (docs/design.md §3.2, §3.3)")
-    g.add_argument("--method", default="midus",
-                   choices=["midus", "dus", "llama_pro", "solar", "lesa", "avg_deus", "opt_deus"],
+    g.add_argument("--method", default="midus", choices=METHODS,
                    help="up-scaling method (default: midus)")
     g.add_argument("--num-blocks", type=int, default=None,
                    help="K, new blocks to insert (default: the length of an explicit --placement list, else 8)")
@@ -458,8 +459,6 @@ def _add_train_args(p, steps: int, seq_len: int, batch: int, lr: float, warmup: 
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU (default: auto)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order and RNG (default: 0)")
-    from .train import add_recipe_arguments
-
     add_recipe_arguments(p)
 
 
@@ -473,8 +472,9 @@ def _add_eval_args(p, window: int, batch: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="midus", description="Memory-Infused Depth Up-Scaling (MIDUS) of Hugging "
                                      "Face causal LMs: up-scale, continue pre-training, evaluate.")
-    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(["upscale", "train", "eval", "run"] +
-                                                                   [c[0] for c in _MODULE_COMMANDS]) + "}")
+    sub = parser.add_subparsers(dest="command", parser_class=_LazyParser,
+                                metavar="{" + ",".join(["upscale", "train", "eval", "run"] +
+                                                       [c[0] for c in _MODULE_COMMANDS]) + "}")
     sub.required = True
 
     p = sub.add_parser("upscale", help="insert K new blocks into a model and save it",
@@ -554,11 +554,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     for name, module, help_, description in _MODULE_COMMANDS:
-        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_, description=description)
+        p.populate = _module_arguments(module)
+    return parser
+
+
+class _LazyParser(argparse.ArgumentParser):
+    """An argparse parser whose flags may be added on first use (``populate``): the commands of
+    ``_MODULE_COMMANDS`` take theirs from their own module, and importing those (torch, ...)
+    for ``midus --help`` or ``midus upscale`` would cost seconds."""
+
+    populate = None
+
+    def _populate_once(self) -> None:
+        populate, self.populate = self.populate, None
+        if populate is not None:
+            populate(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._populate_once()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self):
+        self._populate_once()
+        return super().format_help()
+
+    def format_usage(self):
+        self._populate_once()
+        return super().format_usage()
+
+
+def _module_arguments(module: str):
+    def populate(p):
+        mod = importlib.import_module(module)
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
-    return parser
+    return populate
 
 
 # Commands whose flags and body live in their own module: (name, module, help, description).

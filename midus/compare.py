@@ -128,7 +128,7 @@ class CompareConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.importance not in ("layer", "heads"):
             raise ValueError(f"importance must be 'layer' or 'heads', got {self.importance!r}")
-        from .train import RECIPE_FIELDS, TrainConfig
+        from .train_config import RECIPE_FIELDS, TrainConfig
 
         bad = [k for k in self.recipe if k not in RECIPE_FIELDS]
         if bad:
@@ -569,7 +569,7 @@ def write_report(report: dict, output_dir: str) -> Dict[str, str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``midus compare``."""
-    from .train import add_recipe_arguments
+    from .train_config import add_recipe_arguments
 
     p.add_argument("--model", default="default", help="local model folder, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--data", default="wiki", help="training/validation text, as for `midus train` (default: wiki)")

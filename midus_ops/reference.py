@@ -98,7 +98,8 @@ def hive_gather_ref(
         bank: [R, d_z] shared latent bank.
         proj: [H, d_z, d_v] per-head projections, or None (then d_v = d_z).
         check_indices: True checks the index range first, on the host: on CUDA a stream
-            synchronisation (skipped while a CUDA graph is being captured). False leaves a bad
+            synchronisation (skipped while a CUDA graph is being captured); inside
+            ``torch.compile``, in the compiled kernel. False leaves a bad
             index to ``F.embedding`` (an IndexError on CPU, a device-side assert on CUDA).
 
     Returns:
@@ -107,15 +108,24 @@ def hive_gather_ref(
         with per-sample weights); out[t, h] = u[t, h] @ proj[h].
 
     Raises:
-        IndexError: an index is negative or >= R (torch indexing would wrap negatives).
+        IndexError: an index is negative or >= R (torch indexing would wrap negatives); inside
+            ``torch.compile`` a RuntimeError with the same message (on CUDA: a device-side assert).
     """
     R = bank.shape[0]
-    if (check_indices and indices.numel() and indices.device.type != "meta" and not torch.compiler.is_compiling()
-            and not (indices.is_cuda and torch.cuda.is_current_stream_capturing())):
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= R:
-            raise IndexError(f"hive_gather: indices out of range: found {lo if lo < 0 else hi}, "
-                             f"expected every index in [0, {R}) (R = bank.shape[0])")
+    if check_indices and indices.numel() and indices.device.type != "meta":
+        if torch.compiler.is_compiling():
+            # Traced: a host-side min/max would be a data-dependent graph break, and without any
+            # check the compiled gather fails with Inductor's "index out of bounds" naming a
+            # temporary. torch._assert_async compiles into the kernel and keeps the message.
+            bound = R if isinstance(R, int) else "R"  # a SymInt under dynamic shapes
+            torch._assert_async(((indices >= 0) & (indices < R)).all(),
+                                f"hive_gather: indices out of range: expected every index in [0, {bound}) "
+                                f"(R = bank.shape[0])")
+        elif not (indices.is_cuda and torch.cuda.is_current_stream_capturing()):
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < 0 or hi >= R:
+                raise IndexError(f"hive_gather: indices out of range: found {lo if lo < 0 else hi}, "
+                                 f"expected every index in [0, {R}) (R = bank.shape[0])")
     acc = torch.float64 if bank.dtype == torch.float64 else torch.float32
     # F.embedding, not bank[indices]: its backward is deterministic (index backward is not), and
     # gathering from the fp32 copy makes the bank gradient accumulate in fp32.

@@ -254,6 +254,44 @@ def test_fallback_when_extension_unavailable(mode, tmp_path):
         assert ("Rebuild" in message) is (mode == "missing" and not report["built_elsewhere"])
 
 
+_COMPILED_BAD_INDEX = textwrap.dedent(r"""
+    import json, sys, warnings
+    warnings.simplefilter("ignore")
+    import torch
+    import midus_ops
+    assert not midus_ops.EXTENSION_AVAILABLE
+    out = {}
+    for dynamic in (False, True):
+        f = torch.compile(lambda w, i, b: midus_ops.hive_gather(w, i, b), dynamic=dynamic, fullgraph=True)
+        w, bank = torch.randn(3, 2, 4), torch.randn(16, 8)
+        good = torch.randint(0, 16, (3, 2, 4))
+        torch.testing.assert_close(f(w, good, bank), midus_ops.reference.hive_gather_ref(w, good, bank))
+        for bad in (16, -1):
+            i = good.clone()
+            i[1, 0, 2] = bad
+            try:
+                f(w, i, bank)
+                out[f"{dynamic},{bad}"] = "no error"
+            except Exception as err:
+                out[f"{dynamic},{bad}"] = f"{type(err).__name__}: {err}"
+    print(json.dumps(out))
+""")
+
+
+def test_fallback_out_of_range_index_inside_torch_compile_names_indices(tmp_path):
+    """The reference's range check is a host-side min/max, which cannot run while tracing: inside
+    torch.compile (fullgraph, static and dynamic shapes) a bad index must still fail with a message
+    naming ``indices``, not Inductor's "index out of bounds" on a temporary."""
+    env = dict(os.environ, MIDUS_OPS_DISABLE_EXTENSION="1")
+    proc = subprocess.run([sys.executable, "-c", _COMPILED_BAD_INDEX], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report) == {"False,16", "False,-1", "True,16", "True,-1"}
+    for case, message in report.items():
+        assert "hive_gather: indices out of range" in message, (case, message)
+
+
 def test_extension_loads_in_a_clean_process(tmp_path):
     """Control for the tests above: without a blocker the same child script must not warn, and it
     loads the extension when this process did (so the 'fallback' above really was one)."""

