@@ -13,9 +13,10 @@ MIDUS: Memory-Infused Depth Up-Scaling (arXiv 2512.13751). The design is docs/de
 
 If the compiled extension cannot load, importing warns once (``MidusExtensionWarning``) and
 every op runs the reference; ``EXTENSION_AVAILABLE`` and ``EXTENSION_ERROR`` say why.
+``BUILD_INFO`` says what the loaded extension was built with (CUDA or CPU, why, the arch list).
 """
-from .ops import (EXTENSION_AVAILABLE, EXTENSION_ERROR, MidusExtensionWarning, has_kernel, hive_gather,
-                  pk_topk)
+from .ops import (BUILD_INFO, EXTENSION_AVAILABLE, EXTENSION_ERROR, MidusExtensionWarning, has_kernel,
+                  hive_gather, pk_topk)
 from .reference import hive_gather_ref, pk_topk_ref
 from .options import MemoryOptions
 from .layers import (MEMORY_OPS, HeadwiseMemoryLayer, ProductKeyMemory, register_memory_ops, set_memory_ops,
@@ -26,4 +27,4 @@ __version__ = "0.1.0"
 __all__ = ["pk_topk", "hive_gather", "pk_topk_ref", "hive_gather_ref", "HeadwiseMemoryLayer",
            "ProductKeyMemory", "MemoryOptions", "MEMORY_OPS", "register_memory_ops", "set_memory_ops",
            "use_memory_ops", "EXTENSION_AVAILABLE", "EXTENSION_ERROR", "MidusExtensionWarning",
-           "has_kernel", "__version__"]
+           "has_kernel", "BUILD_INFO", "__version__"]

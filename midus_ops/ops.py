@@ -17,7 +17,7 @@ import torch
 from .reference import hive_gather_ref, pk_topk_ref
 
 __all__ = ["pk_topk", "hive_gather", "EXTENSION_AVAILABLE", "EXTENSION_ERROR", "MidusExtensionWarning",
-           "has_kernel"]
+           "has_kernel", "BUILD_INFO"]
 
 
 class MidusExtensionWarning(RuntimeWarning):
@@ -99,6 +99,29 @@ if not EXTENSION_AVAILABLE:
         MidusExtensionWarning,
         stacklevel=2,
     )
+
+
+
+def _build_info() -> Optional[dict]:
+    """What setup.py built the loaded extension with (csrc/build_info.cpp), or None without one."""
+    if not EXTENSION_AVAILABLE:
+        return None
+    import ctypes
+    import json
+
+    from . import _C
+    try:
+        fn = ctypes.CDLL(_C.__file__).midus_ops_build_info  # the already loaded library, not a second copy
+    except (OSError, AttributeError):  # built before the build info existed
+        return None
+    fn.restype = ctypes.c_char_p
+    return json.loads(fn().decode())
+
+
+# The build of the loaded extension: with_cuda (CUDA kernels compiled in), requested (MIDUS_BUILD),
+# why, cuda_arch_list, torch and torch_cuda (built against), cuda_home, cuda_toolkit, max_jobs.
+# None when the extension is not loaded.
+BUILD_INFO: Optional[dict] = _build_info()
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)

@@ -1,4 +1,4 @@
-"""CUDA-only tests of the hive_gather kernels (csrc/cuda/hive_gather.cu; issue 4).
+"""CUDA-only tests of the hive_gather kernels (csrc/cuda/hive_gather*.cu and .cpp; issue 4).
 
 tests/test_ops.py already runs every public-API test on "cuda" when a GPU is visible; this file
 adds what only the CUDA kernels have: the shapes that select each kernel (tensor-core fast paths
@@ -9,7 +9,7 @@ with one key taking every contribution, partial gradients, the two index-check m
 capture, and tensor-core vs generic agreement. Everything is skipped without a GPU or without the
 compiled CUDA kernels.
 
-Which path a shape takes (the conditions in hive_gather.cu): the forward tensor-core kernel for
+Which path a shape takes (the conditions in kernels/hive_gather.cuh): the forward tensor-core kernel for
 bf16/fp16 with proj, d_z % 8 == 0, k <= 64; the backward one additionally needs d_z <= 256 and
 d_v <= 64; everything else runs the generic kernels.
 """

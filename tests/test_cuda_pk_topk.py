@@ -1,4 +1,4 @@
-"""CUDA tests of pk_topk (csrc/cuda/pk_topk.cu) and of the layers on CUDA (issue 5).
+"""CUDA tests of pk_topk (csrc/cuda/pk_topk*.cu and .cpp) and of the layers on CUDA (issue 5).
 
 tests/test_ops.py and tests/test_layers.py already run their public-API matrices on "cuda" when a
 GPU is visible; this file adds what only the CUDA kernels have: the shapes that select each code

@@ -1,4 +1,4 @@
-// Host-side helpers shared by the ATen glue of the CUDA kernels (csrc/cuda/*.cu): cached device
+// Host-side helpers shared by the CUDA units (csrc/cuda/*.cu; launch.h lists them): cached device
 // attributes and whether the host-side index check runs. Everything is in an anonymous namespace
 // (each translation unit its own copy): the kernels are compiled without relocatable device code,
 // so a kernel template shared across units would otherwise rely on weak-symbol merging of host

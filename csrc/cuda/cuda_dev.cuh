@@ -1,59 +1,31 @@
 // The real GPU behind the launch logic of csrc/cuda/kernels (the `dev` object described in
 // kernels/common.cuh): launches on the current stream, workspaces from the caching allocator, the
 // stable sort and the fp32 GEMMs from ATen/cuBLAS. tests/cuda_emu/emu_dev.h is its emulated twin.
+// What needs ATen (workspaces, sort, cuBLAS, the current stream) is out of line in cuda_dev.cpp,
+// declared in launch.h, which says why.
 #pragma once
-#include <ATen/ATen.h>
-#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <cstdlib>
 #include <cstring>
-#include <vector>
+#include <memory>
 
 #include "cuda_common.cuh"
 #include "kernels/common.cuh"
 #include "kernels/gemm.cuh"
 #include "kernels/index_check.cuh"
+#include "launch.h"
 
 namespace midus {
 namespace {
 
-// c10's 16-bit types -> CUDA's (same bits), as the kernels are written for the latter.
-template <typename T>
-struct native {
-  using type = T;
-};
-template <>
-struct native<c10::BFloat16> {
-  using type = bf16_t;
-};
-template <>
-struct native<c10::Half> {
-  using type = f16_t;
-};
-template <typename T>
-auto* nat(const at::Tensor& t) {
-  return reinterpret_cast<typename native<T>::type*>(t.data_ptr<T>());
-}
-
-// Whether the backward GEMMs run in gemm.cuh's kernel instead of cuBLAS. MIDUS_OPS_CUDA_GEMM=own or
-// =cublas decides; otherwise our kernel runs under torch.use_deterministic_algorithms(True) unless
-// CUBLAS_WORKSPACE_CONFIG is one of the values that make cuBLAS deterministic (without it, torch
-// versions that check raise from cuBLAS calls, and nothing else vouches for cuBLAS's order).
-inline bool use_own_gemm() {
-  const char* g = std::getenv("MIDUS_OPS_CUDA_GEMM");
-  if (g != nullptr && !std::strcmp(g, "own")) return true;
-  if (g != nullptr && !std::strcmp(g, "cublas")) return false;
-  if (!at::globalContext().deterministicAlgorithms()) return false;
-  const char* w = std::getenv("CUBLAS_WORKSPACE_CONFIG");
-  return !(w != nullptr && (!std::strcmp(w, ":4096:8") || !std::strcmp(w, ":16:8")));
-}
-
 class CudaDev {
  public:
-  explicit CudaDev(const at::Tensor& like)
-      : options_(like.options()), device_(like.get_device()), stream_(c10::cuda::getCurrentCUDAStream()) {}
+  // On the current device (the glue's CUDAGuard sets it to the tensors' device).
+  explicit CudaDev(int device)
+      : device_(device),
+        stream_(cuda_current_stream()),
+        workspaces_(cuda_workspaces_new(device), cuda_workspaces_delete) {}
 
   int device() const { return device_; }
   int sm_count() const { return device_sm_count(device_); }
@@ -75,12 +47,10 @@ class CudaDev {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, threads, smem));
     return occ;
   }
-  // Workspace of n T; the tensor lives as long as this object (one op call).
+  // Workspace of n T; it lives as long as this object (one op call).
   template <typename T>
   T* alloc(size_t n) {
-    at::Tensor t = at::empty({static_cast<int64_t>(std::max<size_t>(n, 1) * sizeof(T))}, options_.dtype(at::kByte));
-    keep_.push_back(t);
-    return reinterpret_cast<T*>(t.data_ptr());
+    return static_cast<T*>(cuda_workspace_alloc(workspaces_.get(), std::max<size_t>(n, 1) * sizeof(T)));
   }
   template <typename T>
   void zero(T* p, int64_t n) {
@@ -89,56 +59,65 @@ class CudaDev {
   template <typename K>
   void sort_keys(const K* keys, int64_t n, int64_t* sorted, int64_t* perm) {
     if (n == 0) return;
-    const auto kt = std::is_same_v<K, int32_t> ? at::kInt : at::kLong;
-    at::Tensor in = at::from_blob(const_cast<K*>(keys), {n}, options_.dtype(kt));
-    auto res = at::sort(in, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    at::from_blob(sorted, {n}, options_.dtype(at::kLong)).copy_(std::get<0>(res));
-    at::from_blob(perm, {n}, options_.dtype(at::kLong)).copy_(std::get<1>(res));
+    cuda_sort_keys(device_, keys, std::is_same_v<K, int64_t>, n, sorted, perm);
   }
   // fp32 (fp64) GEMM, fp32 meaning fp32: cuBLAS without TF32 even where the user enabled it
-  // (torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision("high")), or our kernel.
+  // (cuda_gemm_no_tf32 in cuda_dev.cpp), or our kernel.
   template <typename acc_t>
   void gemm(const GemmArgs<acc_t>& g) {
     if (g.batch == 0 || g.M == 0 || g.N == 0) return;
     if (use_own_gemm()) return launch_gemm(*this, g);
-    const at::NoTF32Guard no_tf32;
-    const auto o = options_.dtype(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat);
-    at::Tensor A = at::from_blob(const_cast<acc_t*>(g.A), {g.batch, g.M, g.K}, {g.sAb, g.sAm, g.sAk}, o);
-    at::Tensor B = at::from_blob(const_cast<acc_t*>(g.B), {g.batch, g.K, g.N}, {g.sBb, g.sBk, g.sBn}, o);
-    at::Tensor C = at::from_blob(g.C, {g.batch, g.M, g.N}, {g.sCb, g.sCm, g.sCn}, o);
-    if (g.accumulate) {
-      C.baddbmm_(A, B);
-    } else {
-      at::bmm_out(C, A, B);
-    }
+    cuda_gemm_no_tf32(device_, std::is_same_v<acc_t, double>, g.batch, g.M, g.N, g.K, g.A, g.sAb, g.sAm, g.sAk, g.B,
+                      g.sBb, g.sBk, g.sBn, g.C, g.sCb, g.sCm, g.sCn, g.accumulate);
   }
 
  private:
-  at::TensorOptions options_;
   int device_;
   cudaStream_t stream_;
-  std::vector<at::Tensor> keep_;
+  std::unique_ptr<CudaWorkspaces, void (*)(CudaWorkspaces*)> workspaces_;
 };
 
 // Raises IndexError naming `indices` for any index outside [0, R): a small reduction kernel and
 // one 16-byte device-to-host copy (a stream synchronisation); skipped where
 // host_index_check_enabled says so (see the header comment of kernels/hive_gather.cuh).
-inline void check_index_range_cuda(const at::Tensor& idx, int64_t R, const char* op) {
-  const int64_t n = idx.numel();
-  CudaDev dev(idx);
+inline void check_index_range_cuda(const void* idx_ptr, bool idx64, int64_t n, int device, int64_t R, const char* op) {
+  CudaDev dev(device);
   if (n == 0 || !host_index_check_enabled(dev.stream())) return;
   auto* dbuf = dev.alloc<unsigned long long>(2);
   dev.zero(dbuf, 2);
-  if (idx.scalar_type() == at::kInt) {
-    launch_count_bad_indices(dev, idx.data_ptr<int32_t>(), n, R, dbuf);
+  if (!idx64) {
+    launch_count_bad_indices(dev, static_cast<const int32_t*>(idx_ptr), n, R, dbuf);
   } else {
-    launch_count_bad_indices(dev, idx.data_ptr<int64_t>(), n, R, dbuf);
+    launch_count_bad_indices(dev, static_cast<const int64_t*>(idx_ptr), n, R, dbuf);
   }
   unsigned long long host[2] = {0, 0};
   C10_CUDA_CHECK(cudaMemcpyAsync(host, dbuf, sizeof(host), cudaMemcpyDeviceToHost, dev.stream()));
   C10_CUDA_CHECK(cudaStreamSynchronize(dev.stream()));
   TORCH_CHECK_INDEX(host[0] == 0, op, ": indices out of range: found ", static_cast<long long>(host[1]),
                     ", expected every index in [0, ", R, ") (", host[0], " indices out of range)");
+}
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// Calls f(Type<T>{}) with T the CUDA type of a float dtype (launch.h), as AT_DISPATCH_FLOATING_TYPES_AND2
+// would with c10's types; the glue has checked the dtype.
+template <typename F>
+void dispatch_float(FloatType t, const char* name, F&& f) {
+  switch (t) {
+    case FloatType::f32: return f(Type<float>{});
+    case FloatType::f64: return f(Type<double>{});
+    case FloatType::bf16: return f(Type<bf16_t>{});
+    case FloatType::f16: return f(Type<f16_t>{});
+  }
+  TORCH_CHECK(false, '"', name, "\" not implemented for this dtype");
+}
+template <typename F>
+void dispatch_index(bool idx64, F&& f) {
+  if (idx64) return f(Type<int64_t>{});
+  return f(Type<int32_t>{});
 }
 
 }  // namespace

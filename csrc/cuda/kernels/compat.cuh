@@ -1,5 +1,5 @@
 // Portability layer of the CUDA kernels in csrc/cuda/kernels/*.cuh. The same headers are compiled
-// twice: by nvcc for the extension (csrc/cuda/*.cu, the thin ATen glue), and by a plain C++
+// twice: by nvcc for the extension (csrc/cuda/*.cu, thin dtype dispatch), and by a plain C++
 // compiler for the CPU emulation of the CUDA execution model in tests/cuda_emu (MIDUS_CUDA_EMU
 // defined), which runs every kernel and its launch logic in CI without a GPU. So these headers
 // include neither ATen nor torch, and the few things that differ between the two builds go through

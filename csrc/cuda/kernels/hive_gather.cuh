@@ -1,7 +1,7 @@
 // CUDA kernels of midus_ops::hive_gather and midus_ops::hive_gather_backward (docs/design.md §1.2): this
 // header holds the op-level launch logic; the kernel families are in hive_bag.cuh, hive_fwd.cuh,
-// hive_bwd_tc.cuh and hive_grad_bank.cuh; csrc/cuda/hive_gather.cu is the ATen glue, and
-// tests/cuda_emu runs all of it on a CPU.
+// hive_bwd_tc.cuh and hive_grad_bank.cuh; csrc/cuda/hive_gather_{fwd,bwd,grad_bank}.cu compile it,
+// csrc/cuda/hive_gather.cpp is the ATen glue, and tests/cuda_emu runs all of it on a CPU.
 // Same schemas and semantics as csrc/cpu/hive_gather.cpp: u[t,h] = sum_j w[t,h,j] bank[idx[t,h,j]]
 // accumulated in fp32 (fp64 for fp64), out[t,h] = u[t,h] @ proj[h]; the backward returns empty [0]
 // tensors for the gradients not requested.
@@ -197,14 +197,16 @@ void hive_grad_bank(Dev& dev, const HiveShapes& s, const T* gout, const T* w, co
   if constexpr (!same) launch_convert(dev, static_cast<const acc_t*>(gbA), gb, s.R * s.dz);
 }
 
-// gw [N, H, k], gb [R, dz], gp [H, dz, dv]: each null when not wanted (gp null without proj).
+// The backward in two parts that the extension compiles in separate translation units
+// (csrc/cuda/hive_gather_bwd.cu and hive_gather_grad_bank.cu, built in parallel); the emulator runs
+// them through hive_gather_backward below, in the same order.
+// gw [N, H, k] and gp [H, dz, dv]: each null when not wanted (gp null without proj).
 template <typename Dev, typename T, typename index_t>
-void hive_gather_backward(Dev& dev, const HiveShapes& s, const T* gout, const T* w, const index_t* idx, const T* bank,
-                          const T* proj, T* gw, T* gb, T* gp, const HiveOptions& o) {
+void hive_gather_backward_weights_proj(Dev& dev, const HiveShapes& s, const T* gout, const T* w, const index_t* idx,
+                                       const T* bank, const T* proj, T* gw, T* gp, const HiveOptions& o) {
   const int64_t M = s.N * s.H * s.k;
   if (M == 0 || s.dz == 0) {  // nothing to gather: zeros (gw has no elements when M == 0)
     if (gw) dev.zero(gw, M);
-    if (gb) dev.zero(gb, s.R * s.dz);
     if (gp) dev.zero(gp, s.H * s.dz * s.dv);
     return;
   }
@@ -214,7 +216,23 @@ void hive_gather_backward(Dev& dev, const HiveShapes& s, const T* gout, const T*
     if (!try_bwd_tc<Dev, T, index_t>(dev, s, gout, w, idx, bank, proj, gw, gp, o))
       hive_backward_generic<Dev, T, index_t>(dev, s, gout, w, idx, bank, proj, gw, gp, o.chunk_tokens);
   }
-  if (gb) hive_grad_bank<Dev, T, index_t>(dev, s, gout, w, idx, proj, gb);
+}
+
+// gb [R, dz] (not null).
+template <typename Dev, typename T, typename index_t>
+void hive_gather_backward_bank(Dev& dev, const HiveShapes& s, const T* gout, const T* w, const index_t* idx,
+                               const T* proj, T* gb) {
+  const int64_t M = s.N * s.H * s.k;
+  if (M == 0 || s.dz == 0) return dev.zero(gb, s.R * s.dz);
+  hive_grad_bank<Dev, T, index_t>(dev, s, gout, w, idx, proj, gb);
+}
+
+// gw [N, H, k], gb [R, dz], gp [H, dz, dv]: each null when not wanted (gp null without proj).
+template <typename Dev, typename T, typename index_t>
+void hive_gather_backward(Dev& dev, const HiveShapes& s, const T* gout, const T* w, const index_t* idx, const T* bank,
+                          const T* proj, T* gw, T* gb, T* gp, const HiveOptions& o) {
+  hive_gather_backward_weights_proj<Dev, T, index_t>(dev, s, gout, w, idx, bank, proj, gw, gp, o);
+  if (gb) hive_gather_backward_bank<Dev, T, index_t>(dev, s, gout, w, idx, proj, gb);
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // CUDA kernels of midus_ops::pk_topk and midus_ops::pk_topk_backward (docs/design.md §1.1) and their
-// launch logic; csrc/cuda/pk_topk.cu is the ATen glue, tests/cuda_emu runs them on a CPU. Same
+// launch logic; csrc/cuda/pk_topk_{fwd,bwd}.cu compile them and csrc/cuda/pk_topk.cpp is the ATen
+// glue; tests/cuda_emu runs them on a CPU. Same
 // schemas and semantics as csrc/cpu/pk_topk.cpp: sub-key scores accumulated in fp32 (fp64 for
 // fp64), exact two-stage selection in the order of csrc/cpu/pk_select.h, and the backward returns
 // empty [0] tensors for the gradients not requested.

@@ -1,14 +1,14 @@
 // ATen glue of the CUDA pk_topk and pk_topk_backward (docs/design.md §1.1): input checks, outputs,
-// dtype dispatch and the host-side index check. The kernels and their launch logic, and how they
-// work, are in kernels/pk_topk.cuh (shared with the CPU emulation in tests/cuda_emu).
+// the host-side index check and the registration. Plain C++: the dtype dispatch and the kernels
+// compile in pk_topk_fwd.cu and pk_topk_bwd.cu (launch.h). The kernels and their launch logic, and
+// how they work, are in kernels/pk_topk.cuh (shared with the CPU emulation in tests/cuda_emu).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "cuda_dev.cuh"
-#include "kernels/pk_topk.cuh"
+#include "../limits.h"
+#include "glue.h"
 
 namespace midus {
 namespace {
@@ -23,11 +23,8 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cuda(const at::Tensor& q_in, const at
   auto indices = at::empty({N, H, k}, q_in.options().dtype(at::kLong));
   auto q = q_in.contiguous();
   auto sk = subkeys_in.contiguous();
-  CudaDev dev(q);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "pk_topk_cuda", [&] {
-    pk_topk_forward(dev, nat<scalar_t>(q), nat<scalar_t>(sk), nat<scalar_t>(scores), indices.data_ptr<int64_t>(), N,
-                    H, half, n, k);
-  });
+  pk_topk_forward_cuda_tu(float_type_of(q), q.get_device(), q.data_ptr(), sk.data_ptr(), scores.data_ptr(),
+                          indices.data_ptr<int64_t>(), N, H, half, n, k);
   return {scores, indices};
 }
 
@@ -63,27 +60,17 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_backward_cuda(const at::Tensor& grad_
     return {grad_q, grad_k};
   }
   auto idx = indices_in.contiguous();
-  if (check_indices) check_index_range_cuda(idx, n * n, "pk_topk_backward");
+  if (check_indices)
+    check_index_range_cuda_tu(idx.data_ptr(), /*idx64=*/true, idx.numel(), idx.get_device(), n * n, "pk_topk_backward");
   auto q = q_in.contiguous();
   auto sk = subkeys_in.contiguous();
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // grad_scores in q's dtype is read as is; any other dtype is converted to the accumulation type.
   const bool g_native = grad_scores_in.scalar_type() == q.scalar_type();
   auto g = g_native ? grad_scores_in.contiguous() : grad_scores_in.to(acc_type).contiguous();
-  CudaDev dev(q);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "pk_topk_backward_cuda", [&] {
-    using T = typename native<scalar_t>::type;
-    using acc_t = acc_t_of<T>;
-    T* gq = need_q ? nat<scalar_t>(grad_q) : nullptr;
-    T* gk = need_subkeys ? nat<scalar_t>(grad_k) : nullptr;
-    if (g_native) {
-      pk_topk_backward<CudaDev, T, T>(dev, nat<scalar_t>(g), idx.data_ptr<int64_t>(), nat<scalar_t>(q),
-                                      nat<scalar_t>(sk), gq, gk, N, H, half, n, k);
-    } else {
-      pk_topk_backward<CudaDev, T, acc_t>(dev, g.data_ptr<acc_t>(), idx.data_ptr<int64_t>(), nat<scalar_t>(q),
-                                          nat<scalar_t>(sk), gq, gk, N, H, half, n, k);
-    }
-  });
+  pk_topk_backward_cuda_tu(float_type_of(q), q.get_device(), g.data_ptr(), g_native, idx.data_ptr<int64_t>(),
+                           q.data_ptr(), sk.data_ptr(), need_q ? grad_q.data_ptr() : nullptr,
+                           need_subkeys ? grad_k.data_ptr() : nullptr, N, H, half, n, k);
   return {grad_q, grad_k};
 }
 

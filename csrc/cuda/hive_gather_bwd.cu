@@ -1,0 +1,32 @@
+// hive_gather backward on CUDA, grad_weights and grad_proj (docs/design.md §1.2): the dtype dispatch
+// into hive_gather_backward_weights_proj of kernels/hive_gather.cuh (bwd_tc, the generic path,
+// bag_dot). grad_bank compiles in hive_gather_grad_bank.cu; the checks and outputs are in
+// hive_gather.cpp.
+#include "cuda_dev.cuh"
+#include "kernels/hive_gather.cuh"
+#include "launch.h"
+
+namespace midus {
+
+void hive_gather_backward_weights_proj_cuda_tu(const HiveDims& d, const HiveEnvOptions& e, FloatType t, bool idx64,
+                                               int device, const void* gout, const void* w, const void* idx,
+                                               const void* bank, const void* proj, void* gw, void* gp) {
+  const HiveShapes s{d.N, d.H, d.k, d.R, d.dz, d.dv, d.has_proj};
+  CudaDev dev(device);
+  HiveOptions o;
+  o.tensor_cores = e.tensor_cores;
+  o.fwd_tile = e.fwd_tile;
+  o.bwd_tile = e.bwd_tile;
+  dispatch_float(t, "hive_gather_backward_cuda", [&](auto tt) {
+    using T = typename decltype(tt)::type;
+    const T* pp = s.has_proj ? static_cast<const T*>(proj) : nullptr;
+    dispatch_index(idx64, [&](auto it) {
+      using index_t = typename decltype(it)::type;
+      hive_gather_backward_weights_proj<CudaDev, T, index_t>(
+          dev, s, static_cast<const T*>(gout), static_cast<const T*>(w), static_cast<const index_t*>(idx),
+          static_cast<const T*>(bank), pp, static_cast<T*>(gw), static_cast<T*>(gp), o);
+    });
+  });
+}
+
+}  // namespace midus

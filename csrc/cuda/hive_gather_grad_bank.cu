@@ -1,0 +1,25 @@
+// hive_gather backward on CUDA, grad_bank (docs/design.md §1.2): the dtype dispatch into
+// hive_gather_backward_bank of kernels/hive_gather.cuh (the deterministic segmented reduction of
+// kernels/hive_grad_bank.cuh). The checks and outputs are in hive_gather.cpp.
+#include "cuda_dev.cuh"
+#include "kernels/hive_gather.cuh"
+#include "launch.h"
+
+namespace midus {
+
+void hive_gather_backward_bank_cuda_tu(const HiveDims& d, FloatType t, bool idx64, int device, const void* gout,
+                                       const void* w, const void* idx, const void* proj, void* gb) {
+  const HiveShapes s{d.N, d.H, d.k, d.R, d.dz, d.dv, d.has_proj};
+  CudaDev dev(device);
+  dispatch_float(t, "hive_gather_backward_cuda", [&](auto tt) {
+    using T = typename decltype(tt)::type;
+    const T* pp = s.has_proj ? static_cast<const T*>(proj) : nullptr;
+    dispatch_index(idx64, [&](auto it) {
+      using index_t = typename decltype(it)::type;
+      hive_gather_backward_bank<CudaDev, T, index_t>(dev, s, static_cast<const T*>(gout), static_cast<const T*>(w),
+                                                     static_cast<const index_t*>(idx), pp, static_cast<T*>(gb));
+    });
+  });
+}
+
+}  // namespace midus
