@@ -183,6 +183,9 @@ def cmd_train(args) -> int:
     from .train import _barrier, dist_info, init_distributed, train
 
     _check_output(args.output)  # before hours of training, not after
+    ckpt = args.checkpoint_dir or f"{Path(args.output).expanduser().absolute()}-checkpoints"
+    cfg = _train_config(args, checkpoint_dir=ckpt, save_every=args.save_every, resume_from=args.resume,
+                        max_seconds=args.max_seconds, fsdp=args.fsdp)  # a bad setting fails before any model loads
     if args.fsdp:
         from .distributed import init_fsdp
 
@@ -200,9 +203,6 @@ def cmd_train(args) -> int:
     _barrier()
     model, tokenizer, path = load_model(args.model)
     data = _train_data(args, tokenizer, args.seq_len)
-    ckpt = args.checkpoint_dir or f"{Path(args.output).expanduser().absolute()}-checkpoints"
-    cfg = _train_config(args, checkpoint_dir=ckpt, save_every=args.save_every, resume_from=args.resume,
-                        max_seconds=args.max_seconds, fsdp=args.fsdp)
     if rank == 0:
         _log(f"training {path} on {args.data} ({data.shape[0]} sequences of {args.seq_len} tokens), "
              f"{world} process(es) on {device}{' with FSDP2' if args.fsdp else ''}; checkpoints and log in {ckpt}")

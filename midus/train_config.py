@@ -130,5 +130,13 @@ def recipe_from_args(args) -> Dict[str, object]:
                          "peak LR), not both")
     named = getattr(args, "memory_recipe", None)
     out = dict(MEMORY_RECIPES[named]) if named else {}
-    out.update({f: getattr(args, f) for f in RECIPE_FIELDS if getattr(args, f, None) is not None})
+    given = {f: getattr(args, f) for f in RECIPE_FIELDS if getattr(args, f, None) is not None}
+    out.update(given)
+    try:  # checked now, before any model loads, and named by the flag the user typed
+        TrainConfig(**out)
+    except ValueError as err:
+        field = next((f for f in sorted(given, key=len, reverse=True) if str(err).startswith(f)), None)
+        if field is None:
+            raise
+        raise ValueError(f"--{field.replace('_', '-')}: {err}") from None
     return out

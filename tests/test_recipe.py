@@ -198,6 +198,18 @@ def test_recipe_flag_conflicts_are_refused():
             TrainConfig(lr=bad)
     with pytest.raises(ValueError, match="save_every"):
         TrainConfig(save_every=-1)
+    # a bad value is named by its flag, before anything loads
+    with pytest.raises(ValueError, match="^--memory-lr-decay-steps: memory_lr_decay_steps must be >= 0"):
+        recipe_from_args(argparse.Namespace(memory_recipe=None, memory_lr_schedule="decay", memory_lr_decay_steps=-3))
+
+
+def test_cli_train_names_a_bad_recipe_flag_before_loading_a_model(tmp_path, capsys):
+    from midus.cli import main
+
+    assert main(["train", "--model", str(tmp_path / "no-such-model"), "--data", "wiki", "--steps", "1",
+                 "--output", str(tmp_path / "out"), "--memory-lr", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert "--memory-lr: memory_lr must be a positive number" in err and "no-such-model" not in err, err
     assert "does not beat" in A.retrieval_gain_words(-0.011) and "beats random slots by 0.100" in \
         A.retrieval_gain_words(0.1)
 
@@ -450,7 +462,7 @@ def test_compare_chooses_lr_on_dev_reports_test_over_seeds(tmp_path, tiny_model_
 
 
 @pytest.mark.parametrize("extra, match", [(["--lr", "1e-3,x"], "--lr"), (["--lr", "1e-3,1e-3"], "once"),
-                                          (["--seeds", "0"], "seeds"), (["--memory-lr-scale", "-2"], "memory_lr_scale"),
+                                          (["--seeds", "0"], "seeds"), (["--memory-lr-scale", "-2"], "--memory-lr-scale: memory_lr_scale"),
                                           (["--placement", "0,2", "--methods", "solar"], "placement")])
 def test_compare_refuses_bad_grid_and_recipe(extra, match, tmp_path, tiny_model_dir, tiny_text_file, capsys):
     from midus.cli import main
