@@ -7,21 +7,26 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
 import midus
 
+# Where the imported midus lives (site-packages after `pip install .`, the checkout when editable):
+# child processes import that one. The test data lives beside this file, and the children run in an
+# empty folder, so that neither a source folder nor site-packages itself comes first on sys.path.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(midus.__file__)))
-SAVED = os.path.join(REPO, "tests", "data", "saved_v0_1_0", "hml")  # saved by midus 0.1.0
+SAVED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "saved_v0_1_0", "hml")  # midus 0.1.0
+NEUTRAL = tempfile.mkdtemp(prefix="midus-lazy-import-")
 HEAVY = ("torch", "transformers", "midus_ops", "midus.modeling_midus", "midus.upscale", "midus.train")
 
 
 def _python(code, *args, env=None, timeout=300):
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=REPO)
+                          env=env, cwd=NEUTRAL)
 
 
 def _result(proc):
