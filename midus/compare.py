@@ -285,13 +285,24 @@ def resumable_rows(cfg: CompareConfig, previous: dict) -> Dict[str, dict]:
     """The finished rows of an earlier report that ``cfg`` can reuse: {method: row}. Raises
     ValueError naming the settings that differ (a row is only comparable under the same budget,
     LR grid, seeds, data and model)."""
+    from .train import RECIPE_FIELDS, TrainConfig, recipe_of
+
     old = previous.get("config", {})
     new = asdict(cfg)
-    diff = sorted(k for k in new if k not in _RESUME_IGNORES and old.get(k) != new[k])
+    rows = {r["method"]: r for r in previous.get("rows", []) if "error" not in r}
+    # The memory recipe is compared as it took effect (recorded in each trained row), not as
+    # flags: `--memory-recipe study` and its fields spelled out are the same recipe, while the same
+    # flags under a changed default would not be.
+    effective = {f: v for f, v in recipe_of(TrainConfig(**cfg.recipe)).items() if f in RECIPE_FIELDS}
+    recorded = [r["recipe"] for r in rows.values() if r["method"] == "midus" and isinstance(r.get("recipe"), dict)]
+    ignore = _RESUME_IGNORES + (("recipe",) if recorded else ())
+    diff = sorted(k for k in new if k not in ignore and old.get(k) != new[k])
+    if any({f: rec.get(f) for f in RECIPE_FIELDS} != effective for rec in recorded):
+        diff.append("recipe")
     if diff:
         raise ValueError(f"--resume: the earlier comparison used other settings ({', '.join(diff)}); its rows are "
                          f"not comparable: use the same settings or a new --output")
-    return {r["method"]: r for r in previous.get("rows", []) if "error" not in r}
+    return rows
 
 
 def compare(cfg: CompareConfig, output_dir: Optional[str] = None, in_process: bool = False,

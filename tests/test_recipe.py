@@ -505,4 +505,13 @@ def test_compare_resumes_with_the_same_settings_only(tmp_path, tiny_model_dir, t
     other = _cmp_args(tiny_model_dir, tiny_text_file, out, "--methods", "base,midus", "--lr", "1e-3", "--resume")
     with pytest.raises(ValueError, match="lrs"):
         cmp.run(other)
-    assert json.loads((out / "compare.json").read_text()) == after
+    # the recipe is compared as it took effect: the default spelled as a named recipe is the same
+    # recipe, another memory LR is not
+    same = _cmp_args(tiny_model_dir, tiny_text_file, out, "--methods", "base,midus", "--lr", "1e-2",
+                     "--memory-recipe", "study", "--resume")
+    assert cmp.run(same) == 0
+    changed = _cmp_args(tiny_model_dir, tiny_text_file, out, "--methods", "base,midus", "--lr", "1e-2",
+                        "--memory-lr-scale", "3", "--resume")
+    with pytest.raises(ValueError, match=r"other settings \(recipe\)"):
+        cmp.run(changed)
+    assert json.loads((out / "compare.json").read_text())["rows"] == after["rows"][:1] + after["rows"][2:]
