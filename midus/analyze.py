@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from midus_ops import HeadwiseMemoryLayer, ProductKeyMemory
+from midus_ops.reference import accumulation_dtype
 
 from .placement import replace_layer_input
 
@@ -105,11 +106,6 @@ def _kind(memory: Memory) -> str:
 
 
 # ----------------------------------------------------------------------------- interventions
-
-
-def _softmax_dtype(dt: torch.dtype) -> torch.dtype:
-    # As the layers do: top-k weights normalised in fp32 at least (fp64 stays fp64).
-    return torch.float64 if dt == torch.float64 else torch.float32
 
 
 def _retrieval_hook(select: Optional[Select], record: Optional[Callable[[torch.Tensor, torch.Tensor], None]]):
@@ -188,7 +184,7 @@ def slot_scores(memory: Memory, q: torch.Tensor, indices: torch.Tensor) -> torch
     q [N, H, d_k]; indices [N, H, m] or [H, m] (the same slots for every token), int64 in [0, n*n).
     Returns [N, H, m]. For the layer's own top-k indices these are its top-k scores.
     """
-    acc = _softmax_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)  # as the layers score
     half = q.shape[-1] // 2
     keys = memory.subkeys.to(acc)
     qa = q.to(acc)

@@ -13,6 +13,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import ops as _ops
 from .options import MemoryOptions, check_bool, check_k, check_positive_int, check_tau
+from .reference import accumulation_dtype
 
 __all__ = ["HeadwiseMemoryLayer", "ProductKeyMemory", "MemoryOps", "MEMORY_OPS", "register_memory_ops",
            "set_memory_ops", "use_memory_ops", "RetrievalHook"]
@@ -95,11 +96,6 @@ def _check_token_mask(token_mask: Optional[torch.Tensor], lead: torch.Size, x: t
         raise ValueError(f"token_mask is on {token_mask.device} but the input is on {x.device}")
 
 
-def _softmax_dtype(dt: torch.dtype) -> torch.dtype:
-    """Top-k weights are normalised in fp32 at least (fp64 stays fp64, so fp64 layers gradcheck)."""
-    return torch.float64 if dt == torch.float64 else torch.float32
-
-
 def _topk_weights(scores: torch.Tensor, tau, allow_16bit: bool = True) -> torch.Tensor:
     """softmax(scores / tau) over the last dim, computed in fp32 (fp64 for fp64). ``tau``: a float,
     or a tensor [H] of per-head temperatures for scores [N, H, k] (a learned temperature).
@@ -113,7 +109,7 @@ def _topk_weights(scores: torch.Tensor, tau, allow_16bit: bool = True) -> torch.
     statistics use the fp32 weights. Elsewhere softmax's ``dtype`` argument converts the
     input (as an explicit ``.to`` would) and tau = 1 skips the division.
     """
-    sd = _softmax_dtype(scores.dtype)
+    sd = accumulation_dtype(scores.dtype)  # top-k weights in fp32 at least
     if isinstance(tau, torch.Tensor):
         return torch.softmax(scores.to(sd) / tau.to(sd).view(-1, 1), dim=-1)
     if (allow_16bit and tau == 1.0 and scores.is_cuda and not scores.requires_grad

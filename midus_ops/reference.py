@@ -17,7 +17,13 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pk_topk_ref", "hive_gather_ref", "topk_lower_index_wins"]
+__all__ = ["pk_topk_ref", "hive_gather_ref", "topk_lower_index_wins", "accumulation_dtype"]
+
+
+def accumulation_dtype(dt: torch.dtype) -> torch.dtype:
+    """The dtype the ops and layers compute scores, sums and top-k weights in: fp32 at least, fp64
+    for fp64 inputs (so that fp64 gradchecks hold)."""
+    return torch.float64 if dt == torch.float64 else torch.float32
 
 
 def _outside_autocast(fn):
@@ -63,7 +69,7 @@ def pk_topk_ref(q: torch.Tensor, subkeys: torch.Tensor, k: int) -> Tuple[torch.T
 
     Scores are computed in fp32 (fp64 for fp64 inputs). Ties: lower index wins, at both stages.
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     N, H, d_k = q.shape
     n = subkeys.shape[2]
     half = d_k // 2
@@ -126,7 +132,7 @@ def hive_gather_ref(
             if lo < 0 or hi >= R:
                 raise IndexError(f"hive_gather: indices out of range: found {lo if lo < 0 else hi}, "
                                  f"expected every index in [0, {R}) (R = bank.shape[0])")
-    acc = torch.float64 if bank.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(bank.dtype)
     # F.embedding, not bank[indices]: its backward is deterministic (index backward is not), and
     # gathering from the fp32 copy makes the bank gradient accumulate in fp32.
     rows = F.embedding(indices.long(), bank.to(acc))          # [N, H, k, d_z]
