@@ -2,21 +2,16 @@
 // into hive_gather_backward_weights_proj of kernels/hive_gather.cuh (bwd_tc, the generic path,
 // bag_dot). grad_bank compiles in hive_gather_grad_bank.cu; the checks and outputs are in
 // hive_gather.cpp.
-#include "cuda_dev.cuh"
-#include "kernels/hive_gather.cuh"
-#include "launch.h"
+#include "hive_unit.cuh"
 
 namespace midus {
 
 void hive_gather_backward_weights_proj_cuda_tu(const HiveDims& d, const HiveEnvOptions& e, FloatType t, bool idx64,
                                                int device, const void* gout, const void* w, const void* idx,
                                                const void* bank, const void* proj, void* gw, void* gp) {
-  const HiveShapes s{d.N, d.H, d.k, d.R, d.dz, d.dv, d.has_proj};
+  const HiveShapes s = shapes_of(d);
   CudaDev dev(device);
-  HiveOptions o;
-  o.tensor_cores = e.tensor_cores;
-  o.fwd_tile = e.fwd_tile;
-  o.bwd_tile = e.bwd_tile;
+  const HiveOptions o = options_of(e);
   dispatch_float(t, "hive_gather_backward_cuda", [&](auto tt) {
     using T = typename decltype(tt)::type;
     const T* pp = s.has_proj ? static_cast<const T*>(proj) : nullptr;

@@ -1,9 +1,7 @@
 // hive_gather forward on CUDA (docs/design.md §1.2): the dtype dispatch into the launch logic of
 // kernels/hive_gather.cuh (fwd_tc, fwd_generic, bag_gather); also the host-side index check of
 // both ops. The checks and outputs are in hive_gather.cpp (launch.h lists the units).
-#include "cuda_dev.cuh"
-#include "kernels/hive_gather.cuh"
-#include "launch.h"
+#include "hive_unit.cuh"
 
 namespace midus {
 
@@ -13,12 +11,9 @@ void check_index_range_cuda_tu(const void* idx, bool idx64, int64_t n, int devic
 
 void hive_gather_forward_cuda_tu(const HiveDims& d, const HiveEnvOptions& e, FloatType t, bool idx64, int device,
                                  const void* w, const void* idx, const void* bank, const void* proj, void* out) {
-  const HiveShapes s{d.N, d.H, d.k, d.R, d.dz, d.dv, d.has_proj};
+  const HiveShapes s = shapes_of(d);
   CudaDev dev(device);
-  HiveOptions o;
-  o.tensor_cores = e.tensor_cores;
-  o.fwd_tile = e.fwd_tile;
-  o.bwd_tile = e.bwd_tile;
+  const HiveOptions o = options_of(e);
   dispatch_float(t, "hive_gather_cuda", [&](auto tt) {
     using T = typename decltype(tt)::type;
     const T* pp = s.has_proj ? static_cast<const T*>(proj) : nullptr;

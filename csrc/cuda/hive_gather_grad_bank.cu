@@ -1,15 +1,13 @@
 // hive_gather backward on CUDA, grad_bank (docs/design.md §1.2): the dtype dispatch into
 // hive_gather_backward_bank of kernels/hive_gather.cuh (the deterministic segmented reduction of
 // kernels/hive_grad_bank.cuh). The checks and outputs are in hive_gather.cpp.
-#include "cuda_dev.cuh"
-#include "kernels/hive_gather.cuh"
-#include "launch.h"
+#include "hive_unit.cuh"
 
 namespace midus {
 
 void hive_gather_backward_bank_cuda_tu(const HiveDims& d, FloatType t, bool idx64, int device, const void* gout,
                                        const void* w, const void* idx, const void* proj, void* gb) {
-  const HiveShapes s{d.N, d.H, d.k, d.R, d.dz, d.dv, d.has_proj};
+  const HiveShapes s = shapes_of(d);
   CudaDev dev(device);
   dispatch_float(t, "hive_gather_backward_cuda", [&](auto tt) {
     using T = typename decltype(tt)::type;
